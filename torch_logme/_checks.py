@@ -1,0 +1,163 @@
+"""Input checks: turn user features and targets into validated tensors.
+
+Every check runs before the Gram matrix (the first heavy step). The checks
+that need the data's values (NaN/Inf, all-zero features, label range) are
+reduced on the device and read back in a single transfer, so validation costs
+one host sync however many things it checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Validated inputs on the compute device.
+
+    features: [N, D], the caller's tensor (same dtype) or a device copy of it.
+    targets: int64 labels [N] (classification) or floating targets [N, C].
+    num_columns: C, the number of LogME columns (classes or targets).
+    """
+
+    features: Tensor
+    targets: Tensor
+    num_columns: int
+    classification: bool
+
+    @property
+    def num_samples(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return self.features.shape[1]
+
+
+def as_tensor(x: Any, name: str) -> Tensor:
+    """A numpy array or tensor as a tensor, sharing memory where possible."""
+    if isinstance(x, Tensor):
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}")
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":
+            raise TypeError(
+                f"{name} must hold numbers (bool, int or float), got numpy dtype {x.dtype}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(x) if x.dtype.byteorder == ">" else x)
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _check_features(features: Tensor) -> None:
+    if features.dim() != 2:
+        raise ValueError(
+            f"features must be 2-D [N, D] (samples x feature dims), got shape {tuple(features.shape)}"
+        )
+    if features.is_complex() or not (features.is_floating_point() or features.dtype in _INT_DTYPES):
+        raise TypeError(f"features must be a real float (or integer) tensor, got {features.dtype}")
+    n, d = features.shape
+    if n < 2:
+        raise ValueError(f"LogME needs at least 2 samples, got N = {n}")
+    if d < 1:
+        raise ValueError("features have D = 0 feature dimensions; expected D >= 1")
+
+
+_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _shape_targets(targets: Tensor, n: int, regression: bool) -> Tensor:
+    if targets.is_complex() or not (targets.is_floating_point() or targets.dtype in _INT_DTYPES):
+        kind = "regression targets" if regression else "class labels"
+        raise TypeError(f"{kind} must be numeric (int or float), got {targets.dtype}")
+    if targets.shape[:1] != (n,):
+        raise ValueError(
+            f"features and targets disagree on N: features have {n} rows, "
+            f"targets have shape {tuple(targets.shape)}"
+        )
+    if regression:
+        if targets.dim() == 1:
+            return targets.unsqueeze(1)
+        if targets.dim() == 2 and targets.shape[1] >= 1:
+            return targets
+        raise ValueError(f"regression targets must be [N] or [N, C], got shape {tuple(targets.shape)}")
+    if targets.dtype == torch.bool:
+        targets = targets.to(torch.int64)
+    if targets.dim() == 2 and targets.shape[1] == 1:
+        return targets.reshape(n)
+    if targets.dim() != 1:
+        raise ValueError(
+            f"class labels must be 1-D [N] integer ids, got shape {tuple(targets.shape)} "
+            "(for multi-label or float targets use regression=True)"
+        )
+    return targets
+
+
+def prepare(
+    features: Any,
+    targets: Any,
+    *,
+    regression: bool,
+    num_classes: Optional[int],
+    device: Optional[torch.device],
+) -> Inputs:
+    """Validate features [N, D] and targets, move them to the compute device.
+
+    Raises TypeError / ValueError naming the problem before any heavy work.
+    The caller's tensors are never written to.
+    """
+    if not isinstance(regression, bool):
+        raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
+    if num_classes is not None:
+        if regression:
+            raise ValueError("num_classes applies to classification only; got regression=True")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    f = as_tensor(features, "features")
+    y = as_tensor(targets, "targets")
+    _check_features(f)
+    y = _shape_targets(y, f.shape[0], regression)
+    if device is not None:
+        f = f.to(device)
+    y = y.to(f.device)
+
+    # One reduction per check, stacked and read back in a single transfer.
+    flags = [
+        torch.isfinite(f).all() if f.is_floating_point() else torch.ones((), dtype=torch.bool, device=f.device),
+        (f != 0).any(),
+    ]
+    if y.is_floating_point():
+        flags.append(torch.isfinite(y).all())
+        if not regression:
+            flags.append((y == y.round()).all())
+    values = [x.to(torch.float64) for x in flags]
+    if not regression:
+        values += [y.min().to(torch.float64), y.max().to(torch.float64)]
+    read = torch.stack(values).tolist()
+
+    if not read[0]:
+        raise ValueError("features contain NaN or Inf; LogME needs finite features")
+    if not read[1]:
+        raise ValueError("features are all zero (rank 0); LogME needs features with at least one non-zero value")
+    if y.is_floating_point() and not read[2]:
+        kind = "regression targets" if regression else "class labels"
+        raise ValueError(f"{kind} contain NaN or Inf")
+    if regression:
+        return Inputs(f, y, y.shape[1], False)
+
+    if y.is_floating_point() and not read[3]:
+        raise ValueError("class labels must be integers (0, 1, 2, ...); got non-integer values")
+    low, high = read[-2], read[-1]
+    if low < 0:
+        raise ValueError(f"class labels must be non-negative integers, got minimum {int(low)}")
+    if num_classes is None:
+        num_columns = int(high) + 1
+    elif high >= num_classes:
+        raise ValueError(f"class label {int(high)} is out of range for num_classes={num_classes}")
+    else:
+        num_columns = num_classes
+    return Inputs(f, y.to(torch.int64), num_columns, True)
