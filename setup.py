@@ -21,11 +21,13 @@ setup(
     package_data={"torch_logme": ["data/*.npz", "data/*.md"]},
     install_requires=["torch>=2.1", "numpy>=1.22"],
     extras_require={
-        # numba JIT-compiles the numpy reference so benchmarks compare against
-        # the published code at its published speed; the reference runs without it.
-        "reference": ["numba>=0.57"],
-        "test": ["pytest>=7", "numba>=0.57"],
-        "bench": ["pytest-benchmark>=4", "numba>=0.57"],
+        # numba JIT-compiles the numpy reference so the demo and benchmarks
+        # compare against the published code at its published speed (numba's
+        # linear algebra needs SciPy); the reference runs without them.
+        "reference": ["numba>=0.57", "scipy"],
+        # Tests run the reference both jitted and in pure Python.
+        "test": ["pytest>=7", "numba>=0.57", "scipy"],
+        "bench": ["pytest-benchmark>=4", "numba>=0.57", "scipy"],
     },
     entry_points={"console_scripts": ["torch-logme=torch_logme.__main__:main"]},
 )

@@ -47,7 +47,7 @@ def as_tensor(x: Any, name: str) -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise TypeError(
-                f"{name} must hold numbers (bool, int or float), got numpy dtype {x.dtype}"
+                f"{name} must hold real numbers (bool, int or float), got numpy dtype {x.dtype}"
             )
         return torch.from_numpy(np.ascontiguousarray(x) if x.dtype.byteorder == ">" else x)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
@@ -59,7 +59,7 @@ def _check_features(features: Tensor) -> None:
             f"features must be 2-D [N, D] (samples x feature dims), got shape {tuple(features.shape)}"
         )
     if features.is_complex() or not (features.is_floating_point() or features.dtype in _INT_DTYPES):
-        raise TypeError(f"features must be a real float (or integer) tensor, got {features.dtype}")
+        raise TypeError(f"features must hold real numbers (float or int), got {features.dtype}")
     n, d = features.shape
     if n < 2:
         raise ValueError(f"LogME needs at least 2 samples, got N = {n}")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .statistics import SufficientStatistics, column_chunks
+from .statistics import SufficientStatistics, add_gram_, column_chunks
 
 
 @dataclass
@@ -101,7 +101,7 @@ def dual(
     n, d = features.shape
     kernel = torch.zeros(n, n, dtype=dtype, device=features.device)
     for _, chunk in column_chunks(features, dtype):
-        kernel.addmm_(chunk, chunk.T)
+        add_gram_(kernel, chunk.T)  # F F^T = (F^T)^T F^T
     lam, u = torch.linalg.eigh(kernel)
     lam = lam.clamp_min_(0)
     p = _column_sums(u, targets, num_columns, classification)
