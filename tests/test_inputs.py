@@ -1,6 +1,8 @@
 """Bad input: a clear, specific error before any heavy work, for every entry point."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,15 @@ def test_accepted_label_forms():
     assert logme(F, Y.astype(np.uint8)).item() == base
     assert logme(F.astype(np.int64), Y).item() == logme(F.astype(np.int64).astype(np.float64), Y).item()
     assert logme(torch.from_numpy(F), torch.from_numpy(Y) == 1).item() == logme(F, (Y == 1).astype(int)).item()
+
+
+def test_unusual_numpy_layouts():
+    base = logme(F, Y).item()
+    reversed_rows = logme(F[::-1], Y[::-1]).item()  # negative strides
+    assert reversed_rows == pytest.approx(base, rel=1e-12)
+    assert logme(F.astype(">f8"), Y.astype(">i8")).item() == pytest.approx(base, rel=1e-12)
+    frozen = F.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert logme(frozen, Y).item() == base

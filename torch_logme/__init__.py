@@ -7,7 +7,8 @@ the published algorithms (imported on demand).
 """
 from .estimator import LogME
 from .functional import logme
+from .streaming import LogMEAccumulator
 
 __version__ = "0.1.0"
 
-__all__ = ["LogME", "logme", "__version__"]
+__all__ = ["LogME", "LogMEAccumulator", "logme", "__version__"]

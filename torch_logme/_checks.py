@@ -7,6 +7,7 @@ one host sync however many things it checks.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,11 +50,18 @@ def as_tensor(x: Any, name: str) -> Tensor:
             raise TypeError(
                 f"{name} must hold real numbers (bool, int or float), got numpy dtype {x.dtype}"
             )
-        return torch.from_numpy(np.ascontiguousarray(x) if x.dtype.byteorder == ">" else x)
+        if not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))
+        if any(step < 0 for step in x.strides):  # torch has no negative strides
+            x = np.ascontiguousarray(x)
+        with warnings.catch_warnings():
+            # Read-only arrays (np.load with mmap_mode, say) are fine: nothing is written to them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(x)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
-def _check_features(features: Tensor) -> None:
+def _check_features(features: Tensor, min_samples: int) -> None:
     if features.dim() != 2:
         raise ValueError(
             f"features must be 2-D [N, D] (samples x feature dims), got shape {tuple(features.shape)}"
@@ -61,8 +69,9 @@ def _check_features(features: Tensor) -> None:
     if features.is_complex() or not (features.is_floating_point() or features.dtype in _INT_DTYPES):
         raise TypeError(f"features must hold real numbers (float or int), got {features.dtype}")
     n, d = features.shape
-    if n < 2:
-        raise ValueError(f"LogME needs at least 2 samples, got N = {n}")
+    if n < min_samples:
+        what = "LogME needs at least 2 samples" if min_samples == 2 else "a batch needs at least 1 sample"
+        raise ValueError(f"{what}, got N = {n}")
     if d < 1:
         raise ValueError("features have D = 0 feature dimensions; expected D >= 1")
 
@@ -104,11 +113,16 @@ def prepare(
     regression: bool,
     num_classes: Optional[int],
     device: Optional[torch.device],
+    batch: bool = False,
+    check_values: bool = True,
 ) -> Inputs:
     """Validate features [N, D] and targets, move them to the compute device.
 
     Raises TypeError / ValueError naming the problem before any heavy work.
-    The caller's tensors are never written to.
+    The caller's tensors are never written to. ``batch=True`` checks one
+    batch of a stream: one sample is enough and an all-zero batch is fine.
+    ``check_values=False`` skips the checks that read values back to the
+    host (NaN/Inf, label range); it needs ``num_classes`` for labels.
     """
     if not isinstance(regression, bool):
         raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
@@ -119,12 +133,26 @@ def prepare(
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     f = as_tensor(features, "features")
     y = as_tensor(targets, "targets")
-    _check_features(f)
+    _check_features(f, 1 if batch else 2)
     y = _shape_targets(y, f.shape[0], regression)
     if device is not None:
         f = f.to(device)
     y = y.to(f.device)
+    if regression:
+        if check_values:
+            _check_values(f, y, regression, num_classes, require_nonzero=not batch)
+        return Inputs(f, y, y.shape[1], False)
+    if check_values or num_classes is None:
+        num_columns = _check_values(f, y, regression, num_classes, require_nonzero=not batch)
+    else:
+        num_columns = num_classes
+    return Inputs(f, y.to(torch.int64), num_columns, True)
 
+
+def _check_values(
+    f: Tensor, y: Tensor, regression: bool, num_classes: Optional[int], require_nonzero: bool
+) -> int:
+    """Check values in one host read; return the number of columns for labels."""
     # One reduction per check, stacked and read back in a single transfer.
     flags = [
         torch.isfinite(f).all() if f.is_floating_point() else torch.ones((), dtype=torch.bool, device=f.device),
@@ -141,23 +169,20 @@ def prepare(
 
     if not read[0]:
         raise ValueError("features contain NaN or Inf; LogME needs finite features")
-    if not read[1]:
+    if require_nonzero and not read[1]:
         raise ValueError("features are all zero (rank 0); LogME needs features with at least one non-zero value")
     if y.is_floating_point() and not read[2]:
         kind = "regression targets" if regression else "class labels"
         raise ValueError(f"{kind} contain NaN or Inf")
     if regression:
-        return Inputs(f, y, y.shape[1], False)
-
+        return y.shape[1]
     if y.is_floating_point() and not read[3]:
         raise ValueError("class labels must be integers (0, 1, 2, ...); got non-integer values")
     low, high = read[-2], read[-1]
     if low < 0:
         raise ValueError(f"class labels must be non-negative integers, got minimum {int(low)}")
     if num_classes is None:
-        num_columns = int(high) + 1
-    elif high >= num_classes:
+        return int(high) + 1
+    if high >= num_classes:
         raise ValueError(f"class label {int(high)} is out of range for num_classes={num_classes}")
-    else:
-        num_columns = num_classes
-    return Inputs(f, y.to(torch.int64), num_columns, True)
+    return num_classes

@@ -1,0 +1,87 @@
+"""Two CPU processes (gloo, loopback): each scores half the batches, then they sync."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torch_logme import LogMEAccumulator, logme
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(240, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (240,), generator=gen)
+    f[:, :2] += y.unsqueeze(1).double()
+    return f, y
+
+
+def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        f, y = _data()
+        result = {}
+        if scenario == "halves":
+            acc = LogMEAccumulator(12)  # classes grow per rank: rank 1 never sees class 4
+            for i, start in enumerate(range(0, 240, 20)):
+                if i % WORLD == rank:
+                    rows = slice(start, start + 20)
+                    yb = y[rows] if rank == 0 else y[rows].clamp_max(3)
+                    acc.update(f[rows], yb)
+            result["compute"] = acc.compute(reduction="none")  # syncs a copy
+            result["again"] = acc.compute(reduction="none")  # no double counting
+            acc.sync()
+            result["synced_local"] = acc._compute(acc._states, reduction="none")  # no further sync
+        elif scenario == "mismatch":
+            acc = LogMEAccumulator(12 if rank == 0 else 11)
+            acc.update(f[:10, : acc.num_features], y[:10])
+            try:
+                acc.compute()
+                result["error"] = None
+            except ValueError as err:
+                result["error"] = str(err)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, scenario):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), scenario), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    results = _run(tmp_path, "halves")
+    f, y = _data()
+    # What the two ranks saw together, as one data set.
+    seen_y = torch.cat([
+        y[s:s + 20] if (s // 20) % WORLD == 0 else y[s:s + 20].clamp_max(3) for s in range(0, 240, 20)
+    ])
+    expected = logme(f, seen_y, reduction="none")
+    for res in results:
+        for key in ("compute", "again", "synced_local"):
+            assert torch.allclose(res[key], expected, rtol=1e-10, atol=0), key
+
+
+def test_ranks_disagreeing_on_num_features_is_an_error(tmp_path):
+    results = _run(tmp_path, "mismatch")
+    for res in results:
+        assert res["error"] is not None and "disagree on num_features" in res["error"]

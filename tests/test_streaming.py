@@ -1,0 +1,184 @@
+"""LogMEAccumulator: streaming equals logme on the concatenated data."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from torch_logme import LogMEAccumulator, logme
+
+from conftest import DTYPES, make_features
+
+RTOL = 1e-10
+
+
+def batches(n, sizes):
+    """Split range(n) into consecutive slices of the given sizes (cycled)."""
+    out, start, i = [], 0, 0
+    while start < n:
+        stop = min(start + sizes[i % len(sizes)], n)
+        out.append(slice(start, stop))
+        start, i = stop, i + 1
+    return out
+
+
+def close(a, b, rtol=RTOL):
+    a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
+    return torch.allclose(a, b, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(400, 30), (40, 60), (50, 50)], ids=["N>D", "N<D", "N=D"])
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("method", ["fixed_point", "icml"])
+def test_classification_equals_logme(device, shape, in_dtype, method):
+    n, d = shape
+    f, y = make_features(n, d, 5, seed=n + d)
+    ft = torch.from_numpy(f).to(in_dtype).to(device)
+    yt = torch.from_numpy(y).to(device)
+    acc = LogMEAccumulator(d, 5, method=method)
+    for rows in batches(n, [1, 7, 32]):  # batch sizes 1, 7 and 32
+        acc.update(ft[rows], yt[rows])
+    assert close(acc.compute(), logme(ft, yt, num_classes=5, method=method))
+    assert close(acc.compute(reduction="none"), logme(ft, yt, num_classes=5, method=method, reduction="none"))
+    assert acc.compute().device.type == device
+
+
+@pytest.mark.parametrize("shape", [(300, 20), (30, 40)], ids=["N>D", "N<D"])
+def test_regression_equals_logme(device, shape):
+    n, d = shape
+    rng = np.random.default_rng(1)
+    f = torch.from_numpy(rng.standard_normal((n, d))).to(device)
+    y = f[:, :3] @ torch.ones(3, 2, dtype=f.dtype, device=device) + torch.from_numpy(
+        rng.standard_normal((n, 2))).to(device)
+    acc = LogMEAccumulator(d, regression=True)
+    for rows in batches(n, [16]):
+        acc.update(f[rows], y[rows])
+    assert close(acc.compute(), logme(f, y, regression=True))
+    one = LogMEAccumulator(d, regression=True, num_targets=1)
+    for rows in batches(n, [16]):
+        one.update(f[rows], y[rows, 0])
+    assert close(one.compute(), logme(f, y[:, 0], regression=True))
+
+
+def test_legacy_evidence_matches_logme(device):
+    f, y = make_features(30, 50, 3, seed=3)
+    ft, yt = torch.from_numpy(f).to(device), torch.from_numpy(y).to(device)
+    acc = LogMEAccumulator(50, 3, legacy_evidence=True)
+    acc.update(ft, yt)
+    assert close(acc.compute(), logme(ft, yt, legacy_evidence=True))
+
+
+def test_classes_grow_on_update(device):
+    f, y = make_features(200, 10, 6, seed=4)
+    ft, yt = torch.from_numpy(f).to(device), torch.from_numpy(y).to(device)
+    order = torch.argsort(yt, stable=True)  # classes arrive in increasing order
+    acc = LogMEAccumulator(10)
+    for rows in batches(200, [25]):
+        acc.update(ft[order][rows], yt[order][rows])
+    assert acc.num_columns == 6
+    assert close(acc.compute(reduction="none"), logme(ft, yt, reduction="none"))
+
+
+def test_fixed_num_classes_rejects_larger_labels():
+    acc = LogMEAccumulator(4, 3)
+    with pytest.raises(ValueError, match="out of range for num_classes=3"):
+        acc.update(torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0]))
+
+
+def test_unchecked_updates_take_no_host_read(monkeypatch):
+    acc = LogMEAccumulator(4, 3, check_inputs=False)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("value check ran")
+
+    monkeypatch.setattr("torch_logme._checks._check_values", forbidden)
+    acc.update(torch.randn(5, 4), torch.tensor([0, 1, 2, 2, 0]))
+    acc.update(torch.randn(5, 4), torch.tensor([0, 1, 2, 2, 1]))
+    assert torch.isfinite(acc.compute())
+
+
+def test_reset_merge_and_memory(device):
+    f, y = make_features(120, 8, 3, seed=5)
+    ft, yt = torch.from_numpy(f).to(device), torch.from_numpy(y).to(device)
+    a, b = LogMEAccumulator(8), LogMEAccumulator(8)
+    a.update(ft[:50], yt[:50])
+    b.update(ft[50:], yt[50:] % 2)  # b sees fewer classes: merge pads it
+    merged = a.merge(b)
+    assert merged is a
+    y_all = torch.cat([yt[:50], yt[50:] % 2])
+    assert close(a.compute(), logme(ft, y_all, num_classes=3))
+    # O(D^2 + D C) numbers, whatever N.
+    assert sum(v.numel() for v in a.states.values()) == 8 * 8 + 3 * 8 + 3 + 1
+    a.reset()
+    a.update(ft[:60], yt[:60])
+    assert close(a.compute(), logme(ft[:60], yt[:60], num_classes=3))
+    with pytest.raises(ValueError, match="cannot merge"):
+        a.merge(LogMEAccumulator(9))
+    with pytest.raises(ValueError, match="cannot merge"):
+        a.merge(LogMEAccumulator(8, regression=True))
+
+
+def test_state_dict_round_trip(device):
+    f, y = make_features(100, 6, 4, seed=6)
+    ft, yt = torch.from_numpy(f).to(device), torch.from_numpy(y).to(device)
+    a = LogMEAccumulator(6)
+    a.update(ft[:70], yt[:70])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = LogMEAccumulator(6)
+    b.load_state_dict(torch.load(buf))
+    a.update(ft[70:], yt[70:])
+    b.update(ft[70:], yt[70:])
+    assert close(a.compute(), b.compute(), rtol=0)
+    assert close(b.compute(), logme(ft, yt))
+    with pytest.raises(ValueError, match="do not match"):
+        LogMEAccumulator(7).load_state_dict(a.state_dict())
+
+
+def test_update_does_not_modify_inputs(device):
+    f = torch.randn(20, 5, device=device)
+    y = torch.randint(0, 3, (20,), device=device)
+    f0, y0 = f.clone(), y.clone()
+    acc = LogMEAccumulator(5)
+    acc.update(f, y)
+    acc.compute()
+    assert torch.equal(f, f0) and torch.equal(y, y0)
+
+
+@pytest.mark.parametrize(
+    "make, features, targets, exc, match",
+    [
+        (lambda: LogMEAccumulator(4), torch.randn(3, 5), torch.zeros(3, dtype=torch.long), ValueError, r"\[B, 4\]"),
+        (lambda: LogMEAccumulator(4), torch.randn(3, 4), torch.zeros(2, dtype=torch.long), ValueError, "disagree on N"),
+        (lambda: LogMEAccumulator(4), torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.long), ValueError, "NaN"),
+        (lambda: LogMEAccumulator(4), torch.randn(3, 4), torch.tensor([0, -1, 1]), ValueError, "non-negative"),
+        (lambda: LogMEAccumulator(2, regression=True, num_targets=2), torch.randn(3, 2), torch.randn(3, 3), ValueError, "columns"),
+    ],
+)
+def test_update_rejects(make, features, targets, exc, match):
+    with pytest.raises(exc, match=match):
+        make().update(features, targets)
+
+
+def test_constructor_and_compute_errors():
+    with pytest.raises(ValueError, match="num_features"):
+        LogMEAccumulator(0)
+    with pytest.raises(ValueError, match="classification only"):
+        LogMEAccumulator(3, 2, regression=True)
+    with pytest.raises(ValueError, match="regression only"):
+        LogMEAccumulator(3, num_targets=2)
+    with pytest.raises(ValueError, match="method"):
+        LogMEAccumulator(3, method="nope")
+    acc = LogMEAccumulator(3, 2)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        acc.compute()
+    acc.update(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))  # an all-zero batch is fine...
+    with pytest.raises(ValueError, match="all zero"):
+        acc.compute()  # ...but not all-zero data
+    with pytest.raises(ValueError, match="reduction"):
+        acc.compute(reduction="max")
+    with pytest.raises(RuntimeError, match="process group"):
+        acc.sync()

@@ -1,0 +1,352 @@
+"""Streaming scores: accumulate sums over samples batch by batch, score later.
+
+LogME depends on the data only through sums over samples (DESIGN §3), so an
+accumulator can take batches as they stream by, keep O(D^2 + D C) numbers
+and never the features, merge with another accumulator, and sum its state
+across processes with one ``all_reduce``. The design follows torchmetrics:
+``update`` per batch, ``compute`` per epoch, ``reset`` to start again.
+
+``SumAccumulator`` holds the mechanics (named sum-states, merge, state_dict,
+sync); a score subclasses it with ``update`` and ``_compute``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import spectrum as _spectrum
+from ._checks import as_tensor, prepare
+from ._options import make_options
+from .evidence import fixed_point
+from .functional import REDUCTIONS
+from .statistics import SufficientStatistics
+
+Device = Union[str, torch.device, None]
+
+
+def _distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class SumAccumulator:
+    """Named tensors that are sums over samples, with merge / state_dict / sync.
+
+    Subclasses register their states with ``_add_state`` and describe their
+    sizes with ``_sizes`` (which must agree across processes; a growable one
+    is padded to the largest). Every state is summed, never averaged, so
+    merging and all-reducing are exact.
+    """
+
+    def __init__(self, *, sync_on_compute: bool = True) -> None:
+        self.sync_on_compute = sync_on_compute
+        self._states: "OrderedDict[str, Tensor]" = OrderedDict()
+
+    # -- to be provided by subclasses ------------------------------------
+    def _sizes(self) -> Dict[str, Tuple[int, bool]]:
+        """Sizes as name -> (value, growable). Fixed sizes must match across ranks."""
+        return {}
+
+    def _grow(self, name: str, size: int) -> None:
+        """Enlarge the states along the growable size ``name`` to ``size``."""
+        raise NotImplementedError
+
+    def _config(self) -> Dict[str, Any]:
+        """Settings that two accumulators must share to be merged."""
+        return {}
+
+    def _compute(self, states: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared mechanics ----------------------------------------------------
+    def _ensure_allocated(self) -> None:
+        """Create the states if they are made lazily (on the first update)."""
+
+    def _add_state(self, name: str, value: Tensor) -> None:
+        self._states[name] = value
+
+    @property
+    def states(self) -> Mapping[str, Tensor]:
+        """The current (local) sum-states, read-only view by name."""
+        return dict(self._states)
+
+    def reset(self) -> None:
+        """Zero every sum, keeping sizes, device and dtype."""
+        for value in self._states.values():
+            value.zero_()
+
+    def _align(self, sizes: Dict[str, Tuple[int, bool]], other: str) -> None:
+        for name, (mine, growable) in self._sizes().items():
+            theirs = sizes[name][0]
+            if theirs == mine:
+                continue
+            if not growable:
+                raise ValueError(f"{type(self).__name__}: {name} differs: {mine} here, {theirs} in {other}")
+            if theirs > mine:
+                self._grow(name, theirs)
+
+    def merge(self, other: "SumAccumulator") -> "SumAccumulator":
+        """Add another accumulator's sums into this one (same type and settings)."""
+        if type(other) is not type(self) or other._config() != self._config():
+            raise ValueError(
+                f"cannot merge {type(other).__name__}({other._config()}) into "
+                f"{type(self).__name__}({self._config()})"
+            )
+        self._ensure_allocated()
+        other._ensure_allocated()
+        self._align(other._sizes(), "the other accumulator")
+        for name, value in self._states.items():
+            theirs = other._states[name].to(value.device)
+            if theirs.shape != value.shape:  # the other one is smaller along a growable size
+                theirs = _pad_to(theirs, value.shape)
+            value.add_(theirs)
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Copies of the sums plus the settings, for checkpoints."""
+        self._ensure_allocated()
+        out: Dict[str, Any] = {name: value.detach().clone() for name, value in self._states.items()}
+        out["config"] = self._config()
+        out["sizes"] = {name: size for name, (size, _) in self._sizes().items()}
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore sums saved by ``state_dict`` (settings must match)."""
+        self._ensure_allocated()
+        if state.get("config") != self._config():
+            raise ValueError(f"state_dict settings {state.get('config')} do not match {self._config()}")
+        sizes = state.get("sizes", {})
+        self._align({k: (v, True) for k, v in sizes.items()}, "the state_dict")
+        for name, value in self._states.items():
+            if name not in state:
+                raise KeyError(f"state_dict has no {name!r}")
+            saved = torch.as_tensor(state[name])
+            if saved.shape != value.shape:
+                raise ValueError(f"state_dict {name!r} has shape {tuple(saved.shape)}, expected {tuple(value.shape)}")
+            value.copy_(saved)
+
+    def _reduced_states(self, group: Any = None) -> "OrderedDict[str, Tensor]":
+        """The sums over every rank of ``group``, as new tensors (local state untouched)."""
+        dist = torch.distributed
+        self._ensure_allocated()
+        names = list(self._sizes())
+        local = [self._sizes()[n][0] for n in names]
+        device = next(iter(self._states.values())).device
+        if names:
+            # Max and min of every size in one all_reduce: [s, -s] under MAX.
+            probe = torch.tensor(local + [-s for s in local], dtype=torch.int64, device=device)
+            dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
+            high, low = probe[: len(names)].tolist(), [-v for v in probe[len(names):].tolist()]
+            for name, hi, lo in zip(names, high, low):
+                if hi != lo and not self._sizes()[name][1]:
+                    raise ValueError(
+                        f"{type(self).__name__}: ranks disagree on {name} (from {lo} to {hi}); "
+                        "every rank must score the same features and targets"
+                    )
+            self._align({n: (h, True) for n, h in zip(names, high)}, "another rank")
+        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in self._states.values()])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        out: "OrderedDict[str, Tensor]" = OrderedDict()
+        offset = 0
+        for name, value in self._states.items():
+            n = value.numel()
+            out[name] = flat[offset: offset + n].view(value.shape).to(value.dtype)
+            offset += n
+        return out
+
+    def sync(self, group: Any = None) -> "SumAccumulator":
+        """Replace the local sums with their sum over ``group`` (all ranks must call it).
+
+        Call it once per set of updates: syncing twice counts the other
+        ranks' data twice. ``compute()`` syncs a copy by itself instead.
+        """
+        if not _distributed_ready():
+            raise RuntimeError("sync() needs an initialised torch.distributed process group")
+        for name, value in self._reduced_states(group).items():
+            self._states[name].copy_(value)
+        return self
+
+    def compute(self, **kwargs: Any) -> Tensor:
+        """The score of everything seen so far (on every rank, when distributed)."""
+        if self.sync_on_compute and _distributed_ready():
+            return self._compute(self._reduced_states(), **kwargs)
+        return self._compute(self._states, **kwargs)
+
+
+def _pad_to(value: Tensor, shape: torch.Size) -> Tensor:
+    out = value.new_zeros(shape)
+    out[tuple(slice(0, s) for s in value.shape)] = value
+    return out
+
+
+class LogMEAccumulator(SumAccumulator):
+    """Streaming LogME: ``update`` per batch, ``compute`` the score of all batches.
+
+    Keeps the sufficient statistics F^T F [D, D], per-class sums [C, D],
+    y^T y [C] and N: O(D^2 + D C) numbers, never the features.
+    ``compute()`` equals ``logme`` on the concatenated batches.
+
+    Args:
+        num_features: D.
+        num_classes: for classification. None grows the class dimension on
+            update, which reads the batch's largest label back to the host
+            once per update (a sync); pass it to keep updates sync-free.
+        regression: float targets [B] or [B, K] instead of labels.
+        num_targets: K for regression; None takes it from the first batch.
+        dtype: precision of the sums and of compute (default float64).
+        device: where the sums live; None: the device of the first batch.
+        sync_on_compute: when a torch.distributed group is initialised,
+            ``compute()`` sums the statistics across ranks first.
+        check_inputs: check each batch for NaN/Inf and labels out of range,
+            which reads one value back to the host per update. False keeps
+            updates free of host syncs (with ``num_classes`` given); bad
+            values then go unnoticed.
+        max_iter, tol, method, legacy_evidence: as for :func:`torch_logme.logme`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: Optional[int] = None,
+        *,
+        regression: bool = False,
+        num_targets: Optional[int] = None,
+        dtype: torch.dtype = torch.float64,
+        device: Device = None,
+        sync_on_compute: bool = True,
+        check_inputs: bool = True,
+        max_iter: int = 11,
+        tol: Optional[float] = None,
+        method: str = "fixed_point",
+        legacy_evidence: bool = False,
+    ) -> None:
+        super().__init__(sync_on_compute=sync_on_compute)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if not isinstance(regression, bool):
+            raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
+        if regression and num_classes is not None:
+            raise ValueError("num_classes applies to classification only; use num_targets with regression=True")
+        if not regression and num_targets is not None:
+            raise ValueError("num_targets applies to regression only; use num_classes for classification")
+        for name, value in (("num_classes", num_classes), ("num_targets", num_targets)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.options = make_options(
+            dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
+            legacy_evidence=legacy_evidence,
+        )
+        self.num_features = num_features
+        self.regression = regression
+        self.check_inputs = check_inputs
+        self._fixed_columns = num_classes if not regression else num_targets
+        self._growable = not regression and num_classes is None
+        self._stats: Optional[SufficientStatistics] = None
+        if self.options.device is not None:
+            self._allocate(self.options.device, self._fixed_columns or 0)
+
+    # -- state -------------------------------------------------------------
+    def _allocate(self, device: torch.device, num_columns: int) -> None:
+        self._stats = SufficientStatistics.zeros(
+            self.num_features, num_columns, dtype=self.options.dtype, device=device
+        )
+        self._link_states()
+
+    def _link_states(self) -> None:
+        stats = self._stats
+        count = getattr(self, "_count", None)
+        if count is None or count.device != stats.gram.device:
+            self._count = torch.zeros((), dtype=torch.float64, device=stats.gram.device)
+        self._states = OrderedDict(
+            gram=stats.gram, cross=stats.cross, target_sq=stats.target_sq, num_samples=self._count
+        )
+
+    @property
+    def num_columns(self) -> int:
+        """C: classes seen so far (or fixed), or regression targets."""
+        return 0 if self._stats is None else self._stats.cross.shape[0]
+
+    def _sizes(self) -> Dict[str, Tuple[int, bool]]:
+        return {"num_features": (self.num_features, False), "num_columns": (self.num_columns, self._growable)}
+
+    def _grow(self, name: str, size: int) -> None:
+        stats = self._stats
+        if stats is None:
+            self._allocate(torch.device("cpu"), size)
+            return
+        extra = size - stats.cross.shape[0]
+        stats.cross = torch.cat([stats.cross, stats.cross.new_zeros(extra, self.num_features)])
+        stats.target_sq = torch.cat([stats.target_sq, stats.target_sq.new_zeros(extra)])
+        self._link_states()
+
+    def _config(self) -> Dict[str, Any]:
+        return {
+            "num_features": self.num_features,
+            "regression": self.regression,
+            "fixed_columns": self._fixed_columns,
+            "dtype": str(self.options.dtype),
+        }
+
+    def _ensure_allocated(self) -> None:
+        if self._stats is None:
+            device = torch.device("cpu")
+            if _distributed_ready() and torch.distributed.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            self._allocate(device, self._fixed_columns or 0)
+
+    # -- the torchmetrics-style API -------------------------------------------
+    def update(self, features: Any, targets: Any) -> None:
+        """Add a batch: features [B, D] (any float dtype); labels [B] or targets [B] / [B, K]."""
+        f = as_tensor(features, "features")
+        if f.dim() != 2 or f.shape[1] != self.num_features:
+            raise ValueError(
+                f"features must be [B, {self.num_features}] (batch x num_features), got shape {tuple(f.shape)}"
+            )
+        if self._stats is None:
+            self._allocate(self.options.device or f.device, self._fixed_columns or 0)
+        device = self._stats.gram.device
+        inputs = prepare(
+            f, targets, regression=self.regression,
+            num_classes=None if self.regression else self._fixed_columns,
+            device=device, batch=True, check_values=self.check_inputs,
+        )
+        if self.regression and self.num_columns == 0:
+            self._grow("num_columns", inputs.num_columns)
+        if inputs.num_columns != self.num_columns:
+            if not self._growable and self.regression:
+                raise ValueError(
+                    f"targets have {inputs.num_columns} columns, expected {self.num_columns} as in earlier batches"
+                )
+            if inputs.num_columns > self.num_columns:
+                self._grow("num_columns", inputs.num_columns)
+        with torch.no_grad():
+            self._stats.add_(inputs.features, inputs.targets, not self.regression)
+            self._count += inputs.num_samples
+
+    def _compute(self, states: Mapping[str, Tensor], reduction: str = "mean") -> Tensor:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        n = int(states["num_samples"].item())
+        if n < 2:
+            raise ValueError(f"LogME needs at least 2 samples, got N = {n}; call update() first")
+        if states["cross"].shape[0] == 0:
+            raise ValueError("no class or target columns seen yet")
+        stats = SufficientStatistics(states["gram"], states["cross"], states["target_sq"], n)
+        if not bool(stats.gram.diagonal().gt(0).any()):
+            raise ValueError("features are all zero (rank 0); LogME needs features with at least one non-zero value")
+        with torch.no_grad():
+            spec = _spectrum.primal(stats, with_basis=False)
+            result = fixed_point(
+                spec.eigenvalues, spec.proj_sq, spec.target_sq, n, self.num_features, self.options
+            )
+        if reduction == "none":
+            return result.evidence
+        return result.evidence.mean() if reduction == "mean" else result.evidence.sum()
+
+    def compute(self, reduction: str = "mean") -> Tensor:  # type: ignore[override]
+        """LogME of every batch so far: 0-dim ("mean", "sum") or [C] ("none")."""
+        self._ensure_allocated()
+        return super().compute(reduction=reduction)
+
