@@ -59,7 +59,7 @@ class Spectrum:
 
 def primal(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum:
     """Spectrum from the Gram matrix: eigh of G [D, D], then Z = cross V."""
-    lam, vecs = torch.linalg.eigh(stats.gram)
+    lam, vecs = torch.linalg.eigh(stats.gram, UPLO="U")  # add_gram_ fills the upper triangle
     z = stats.cross @ vecs
     return Spectrum(
         eigenvalues=lam.clamp_min_(0),
@@ -102,7 +102,7 @@ def dual(
     kernel = torch.zeros(n, n, dtype=dtype, device=features.device)
     for _, chunk in column_chunks(features, dtype):
         add_gram_(kernel, chunk.T)  # F F^T = (F^T)^T F^T
-    lam, u = torch.linalg.eigh(kernel)
+    lam, u = torch.linalg.eigh(kernel, UPLO="U")
     lam = lam.clamp_min_(0)
     p = _column_sums(u, targets, num_columns, classification)
     p_sq = p * p

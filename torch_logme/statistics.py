@@ -19,15 +19,20 @@ from torch import Tensor
 CHUNK_BYTES = 64 << 20
 
 
-# On CPU, build the Gram matrix from this many column blocks of its upper
-# triangle: (blocks + 1) / (2 blocks) of the flops of a full product (torch
-# has no syrk). On GPUs one full product is faster than several launches.
+# On CPU, accumulate only the upper triangle of the Gram matrix, a block row
+# at a time: (blocks + 1) / (2 blocks) of the flops of a full product (torch
+# has no syrk), and the eigendecompositions read only that triangle. On GPUs
+# one full product is faster than several launches.
 GRAM_BLOCKS = 4
 _MIN_BLOCKED_DIM = 256
 
 
 def add_gram_(gram: Tensor, chunk: Tensor) -> None:
-    """gram [D, D] += chunk^T chunk for chunk [B, D], computing each block once."""
+    """Add chunk^T chunk to gram [D, D] for chunk [B, D]; the upper triangle is exact.
+
+    On CPU (D >= 256) the strictly lower triangle is left untouched, so
+    callers read gram through its upper triangle only (eigh(..., UPLO="U")).
+    """
     d = chunk.shape[1]
     if chunk.device.type != "cpu" or d < _MIN_BLOCKED_DIM:
         gram.addmm_(chunk.T, chunk)
@@ -35,9 +40,8 @@ def add_gram_(gram: Tensor, chunk: Tensor) -> None:
     step = -(-d // GRAM_BLOCKS)
     for start in range(0, d, step):
         stop = min(start + step, d)
-        block = chunk[:, start:stop].T @ chunk[:, start:]  # rows start:stop, columns start:
-        gram[start:stop, start:].add_(block)
-        gram[stop:, start:stop].add_(block[:, stop - start:].T)  # mirror below the diagonal
+        # Block row start:stop, from the diagonal rightwards, written in place.
+        gram[start:stop, start:].addmm_(chunk[:, start:stop].T, chunk[:, start:])
 
 
 def _chunk_len(total: int, other: int, dtype: torch.dtype) -> int:
@@ -77,7 +81,7 @@ def column_chunks(features: Tensor, dtype: torch.dtype) -> Iterator[Tuple[slice,
 class SufficientStatistics:
     """Sums over samples that determine the LogME evidence.
 
-    gram: [D, D] F^T F.
+    gram: [D, D] F^T F; only its upper triangle is authoritative (see add_gram_).
     cross: [C, D] row c is F^T y_c (for classification, the sum of the
         feature rows of class c).
     target_sq: [C] y_c^T y_c (for classification, the class counts).
