@@ -1,13 +1,106 @@
-"""Packaging for torch_logme.
+"""Packaging for torch_logme, with the optional compiled fixed-point op (csrc/).
 
-The compiled fixed-point op (csrc/) is added by a later change; until then the
-package is pure Python and works on any device PyTorch supports.
+The package is pure Python plus one optional library, ``torch_logme._C``: the
+fixed point in C++ (CPU) and, when nvcc is found, CUDA. Without it the
+package runs the same fixed point in plain torch ops.
+
+The library is built only when torch can be imported while setup.py runs.
+``pip install -e .`` runs setup.py twice: first for the metadata, before it
+has installed torch (so nothing is built then: the metadata is the same),
+then for the install, with torch present. There is no pyproject.toml on
+purpose: build isolation would build against a fresh download of torch
+instead of the one installed.
+
+Build-time environment variables:
+
+- ``TORCH_LOGME_NO_EXTENSION=1``: build no library (pure-Python install).
+- ``TORCH_LOGME_CUDA=0`` / ``=1``: skip / require the CUDA kernel. By default
+  it is built when the installed torch has CUDA and nvcc is found; no GPU
+  needs to be visible.
+- ``TORCH_CUDA_ARCH_LIST``: GPU architectures, as for any torch extension
+  (default: the visible GPUs, or a portable list when none is visible).
 """
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+# A portable default when no GPU is visible at build time: Turing to Hopper,
+# plus PTX that newer GPUs compile at load time.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _flag(name: str) -> str | None:
+    """'1' / '0' for a set boolean environment variable, None when unset."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    return "0" if value in ("0", "false", "no", "off") else "1"
+
+
+def _say(message: str) -> None:
+    print(f"torch_logme setup: {message}", file=sys.stderr)
+
+
+def _has_cxx_compiler() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+
+
+def _extension_build() -> tuple[list, dict]:
+    """(ext_modules, cmdclass) for the compiled op, or ([], {}) when it is not built."""
+    if _flag("TORCH_LOGME_NO_EXTENSION") == "1":
+        _say("TORCH_LOGME_NO_EXTENSION is set: no compiled extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        # pip's metadata pass, before torch is installed: metadata only.
+        return [], {}
+    if not _has_cxx_compiler():
+        _say("no C++ compiler found: no compiled extension (the pure-torch path will run)")
+        return [], {}
+
+    want_cuda = _flag("TORCH_LOGME_CUDA")
+    cuda_ready = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if want_cuda == "1" and not cuda_ready:
+        raise RuntimeError(
+            "TORCH_LOGME_CUDA=1, but "
+            + ("the installed torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+        )
+    with_cuda = cuda_ready and want_cuda != "0"
+
+    sources = ["csrc/fixed_point.cpp", "csrc/cpu/fixed_point_cpu.cpp"]
+    cxx = ["-O3"]
+    link = []
+    if platform.system() == "Linux":
+        # at::parallel_for is an inline OpenMP loop: without -fopenmp it runs serially.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    if with_cuda:
+        sources.append("csrc/cuda/fixed_point_cuda.cu")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        extension = cpp_extension.CUDAExtension(
+            "torch_logme._C", sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link,
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            "torch_logme._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+        )
+    _say(f"building the compiled fixed point for CPU{' and CUDA' if with_cuda else ''}")
+    use_ninja = shutil.which("ninja") is not None  # else torch warns, then builds without it
+    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
+
+
+ext_modules, cmdclass = _extension_build()
 
 setup(
     name="torch_logme",
@@ -19,14 +112,20 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["torch_logme", "torch_logme.*"]),
     package_data={"torch_logme": ["data/*.npz", "data/*.md"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.1", "numpy>=1.22"],
     extras_require={
         # numba JIT-compiles the numpy reference so the demo and benchmarks
         # compare against the published code at its published speed (numba's
         # linear algebra needs SciPy); the reference runs without them.
         "reference": ["numba>=0.57", "scipy"],
-        # Tests run the reference both jitted and in pure Python.
-        "test": ["pytest>=7", "numba>=0.57", "scipy"],
+        # Optional adapters: torch_logme.integrations.torchmetrics / .lightning.
+        "torchmetrics": ["torchmetrics>=1.0"],
+        "lightning": ["lightning>=2.0"],
+        # Tests run the reference both jitted and in pure Python, and the
+        # adapters (both keep the installed torch; lightning brings torchmetrics).
+        "test": ["pytest>=7", "numba>=0.57", "scipy", "torchmetrics>=1.0", "lightning>=2.0"],
         "bench": ["pytest-benchmark>=4", "numba>=0.57", "scipy"],
     },
     entry_points={"console_scripts": ["torch-logme=torch_logme.__main__:main"]},

@@ -354,6 +354,11 @@ def test_requires_grad_inputs_give_plain_scores():
 
 def test_public_names():
     assert {"LogME", "LogMEAccumulator", "logme", "__version__"} <= set(torch_logme.__all__)
+    scores = {"leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "rank_models", "Ranking",
+              "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator", "TransRateAccumulator",
+              "GBCAccumulator"}
+    assert scores <= set(torch_logme.__all__)
+    assert all(hasattr(torch_logme, name) for name in torch_logme.__all__)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import importlib

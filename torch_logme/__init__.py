@@ -5,10 +5,27 @@ pre-trained model suit a labelled task; ``LogME`` is a drop-in for the
 published estimator. ``torch_logme.reference`` holds the numpy reference of
 the published algorithms (imported on demand).
 """
+from ._extension import extension_available
 from .estimator import LogME
 from .functional import logme
+from .ranking import Ranking, rank_models
+from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
 from .streaming import LogMEAccumulator
+from .streaming_scores import (
+    GBCAccumulator,
+    HScoreAccumulator,
+    NCEAccumulator,
+    RegularizedHScoreAccumulator,
+    TransRateAccumulator,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["LogME", "LogMEAccumulator", "logme", "__version__"]
+__all__ = [
+    "LogME", "LogMEAccumulator", "extension_available", "logme", "__version__",
+    # other transferability scores, their accumulators, and model ranking
+    "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc",
+    "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
+    "TransRateAccumulator", "GBCAccumulator",
+    "rank_models", "Ranking",
+]

@@ -153,18 +153,19 @@ def _check_values(
     f: Tensor, y: Tensor, regression: bool, num_classes: Optional[int], require_nonzero: bool
 ) -> int:
     """Check values in one host read; return the number of columns for labels."""
-    # One reduction per check, stacked and read back in a single transfer.
-    flags = [
-        torch.isfinite(f).all() if f.is_floating_point() else torch.ones((), dtype=torch.bool, device=f.device),
-        (f != 0).any(),
-    ]
+    # A few reductions, stacked and read back in a single transfer. One
+    # aminmax pass answers both "finite?" (NaN and Inf reach the min or max)
+    # and "all zero?": an order of magnitude cheaper than isfinite(f).all().
+    low_f, high_f = torch.aminmax(f)
+    finite = torch.isfinite(low_f) & torch.isfinite(high_f)  # always true for integers
+    flags = [finite, (low_f != 0) | (high_f != 0)]
     if y.is_floating_point():
         flags.append(torch.isfinite(y).all())
         if not regression:
             flags.append((y == y.round()).all())
     values = [x.to(torch.float64) for x in flags]
     if not regression:
-        values += [y.min().to(torch.float64), y.max().to(torch.float64)]
+        values += [v.to(torch.float64) for v in torch.aminmax(y)]
     read = torch.stack(values).tolist()
 
     if not read[0]:
@@ -186,3 +187,141 @@ def _check_values(
     if high >= num_classes:
         raise ValueError(f"class label {int(high)} is out of range for num_classes={num_classes}")
     return num_classes
+
+
+# -- inputs of the scores that take no features (torch_logme.scores) ------------
+
+#: Largest allowed |row sum - 1| of source probabilities (float16 softmax stays well inside).
+PROB_SUM_TOL = 1e-2
+
+
+def _check_label_values(checks: list, labels: "list[tuple[str, Tensor]]") -> list:
+    """Append each label vector's integrality flag, min and max to ``checks``."""
+    for _, y in labels:
+        if y.is_floating_point():
+            checks += [(y == y.round()).all(), torch.isfinite(y).all()]
+        else:
+            checks += [torch.ones((), dtype=torch.bool, device=y.device)] * 2
+        checks += [y.min(), y.max()]
+    return checks
+
+
+def _read_label_checks(read: list, labels: "list[tuple[str, Tensor]]") -> "list[int]":
+    """Raise for bad label values (as ``prepare`` does); return each vector's max + 1."""
+    sizes = []
+    for k, (name, _) in enumerate(labels):
+        integral, finite, low, high = read[4 * k: 4 * k + 4]
+        if not finite:
+            raise ValueError(f"class labels ({name}) contain NaN or Inf")
+        if not integral:
+            raise ValueError(f"class labels ({name}) must be integers (0, 1, 2, ...); got non-integer values")
+        if low < 0:
+            raise ValueError(f"class labels ({name}) must be non-negative integers, got minimum {int(low)}")
+        sizes.append(int(high) + 1)
+    return sizes
+
+
+def _label_vector(x: Any, name: str, n: Optional[int], other: str) -> Tensor:
+    """A label tensor [N] (bool, int or integral float); N must equal ``n`` when given."""
+    y = as_tensor(x, name)
+    if y.dim() == 0:
+        raise ValueError(f"{name} must be 1-D [N] integer ids, got a scalar")
+    if n is not None and y.shape[0] != n:
+        raise ValueError(
+            f"{other} and {name} disagree on N: {other} have {n} rows, {name} have shape {tuple(y.shape)}"
+        )
+    return _shape_targets(y, y.shape[0], regression=False)
+
+
+def prepare_labels(labels: Any, name: str = "labels", *, device: Optional[torch.device] = None) -> "tuple[Tensor, int]":
+    """Validate one vector of class ids [N] on its own: (int64 labels, max + 1), one host read."""
+    y = _label_vector(labels, name, None, "")
+    if y.shape[0] < 1:
+        raise ValueError(f"{name} are empty; expected at least 1 label")
+    if device is not None:
+        y = y.to(device)
+    checked = [(name, y)]
+    read = torch.stack([c.to(torch.float64) for c in _check_label_values([], checked)]).tolist()
+    (num_classes,) = _read_label_checks(read, checked)
+    return y.to(torch.int64), num_classes
+
+
+def prepare_probabilities(
+    source_probs: Any, target_labels: Any, *, device: Optional[torch.device]
+) -> "tuple[Tensor, Tensor, int]":
+    """Validate source-class probabilities [N, Cs] and target labels [N] (for LEEP).
+
+    Returns (probs on the compute device, int64 labels, number of target
+    classes = max label + 1). Same errors as ``prepare`` for shapes, NaN/Inf
+    and labels; also rejects negative probabilities and rows that do not sum
+    to 1 (logits passed by mistake), all in one host read.
+    """
+    p = as_tensor(source_probs, "source_probs")
+    if p.dim() != 2:
+        raise ValueError(
+            f"source_probs must be 2-D [N, Cs] (samples x source classes), got shape {tuple(p.shape)}"
+        )
+    if p.is_complex() or not (p.is_floating_point() or p.dtype in _INT_DTYPES):
+        raise TypeError(f"source_probs must hold real numbers (float or int), got {p.dtype}")
+    n, cs = p.shape
+    if n < 2:
+        raise ValueError(f"LEEP needs at least 2 samples, got N = {n}")
+    if cs < 1:
+        raise ValueError("source_probs have Cs = 0 source classes; expected Cs >= 1")
+    y = _label_vector(target_labels, "target_labels", n, "source_probs")
+    if device is not None:
+        p = p.to(device)
+    y = y.to(p.device)
+    row_sums = p.sum(1, dtype=torch.float64)
+    checks = [
+        # A NaN or Inf anywhere makes its row sum NaN or Inf: no pass over p for finiteness
+        # alone (only huge finite entries overflow a row sum too; they are told apart below).
+        torch.isfinite(row_sums).all(),
+        p.min(),
+        (row_sums - 1).abs().max(),  # the largest deviation of a row sum from 1
+    ]
+    labels = [("target_labels", y)]
+    read = torch.stack([c.to(torch.float64) for c in _check_label_values(checks, labels)]).tolist()
+    if not read[0] and not bool(torch.isfinite(p).all()):
+        raise ValueError("source_probs contain NaN or Inf; LEEP needs finite probabilities")
+    if read[1] < 0:
+        raise ValueError(f"source_probs must be probabilities in [0, 1], got a negative value {read[1]:g}")
+    if not read[0] or read[2] > PROB_SUM_TOL:
+        raise ValueError(
+            f"source_probs rows must sum to 1 (softmax probabilities, not logits); "
+            f"a row sum is off by {read[2]:.3g}"
+        )
+    (num_classes,) = _read_label_checks(read[3:], labels)
+    return p, y.to(torch.int64), num_classes
+
+
+def prepare_label_pair(
+    source_labels: Any,
+    target_labels: Any,
+    *,
+    device: Optional[torch.device],
+    batch: bool = False,
+    check_values: bool = True,
+) -> "tuple[Tensor, Tensor, Optional[int], Optional[int]]":
+    """Validate two label vectors [N] (for NCE): the source model's hard labels and the target's.
+
+    Returns (source int64, target int64, source classes, target classes) on
+    the compute device; the class counts are max + 1, read in one host
+    transfer, or None when ``check_values=False`` skips that read.
+    ``batch=True`` accepts a single sample (one batch of a stream).
+    """
+    s = _label_vector(source_labels, "source_labels", None, "")
+    n = s.shape[0]
+    t = _label_vector(target_labels, "target_labels", n, "source_labels")
+    minimum = 1 if batch else 2
+    if n < minimum:
+        raise ValueError(f"NCE needs at least {minimum} sample{'s' if minimum > 1 else ''}, got N = {n}")
+    if device is not None:
+        s = s.to(device)
+    t = t.to(s.device)
+    if not check_values:
+        return s.to(torch.int64), t.to(torch.int64), None, None
+    labels = [("source_labels", s), ("target_labels", t)]
+    read = torch.stack([c.to(torch.float64) for c in _check_label_values([], labels)]).tolist()
+    cs, ct = _read_label_checks(read, labels)
+    return s.to(torch.int64), t.to(torch.int64), cs, ct

@@ -9,6 +9,10 @@ numbers without a host sync per step.
 
 All formulas are written without dividing by eigenvalues, so they stay
 finite for rank-deficient features and in float32.
+
+The same fixed point also exists compiled (csrc/: C++ on the CPU, CUDA on
+the GPU; one launch runs every step of every column). ``fixed_point`` is the
+one place that chooses between the two; both give the same numbers.
 """
 from __future__ import annotations
 
@@ -19,12 +23,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _extension
 from ._options import ScoreOptions
 
 # Added to ||m||^2 and to the residual before dividing, as in the published code.
 EPSILON = 1e-5
 # The published fixed-point code keeps singular values above this (absolute).
 _PUBLISHED_RANK_CUTOFF = 1e-10
+# The dtypes the compiled op has kernels for.
+_COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -81,7 +88,49 @@ def fixed_point(
     whitened_sq, outside_sq: optional [C, k] and [C], with
         proj_sq = eigenvalues * whitened_sq (see Spectrum); when given, the
         residual is summed from positive terms instead of by subtraction.
+
+    Runs the compiled op when it serves the device and dtype (see
+    ``torch_logme.extension_available``), else the pure-torch loop.
     """
+    args = (eigenvalues, proj_sq, target_sq, num_samples, num_features, options, whitened_sq, outside_sq)
+    if eigenvalues.dtype in _COMPILED_DTYPES and _extension.extension_available(eigenvalues.device):
+        return _fixed_point_compiled(*args)
+    return _fixed_point_torch(*args)
+
+
+def _fixed_point_compiled(
+    eigenvalues: Tensor,
+    proj_sq: Tensor,
+    target_sq: Tensor,
+    num_samples: int,
+    num_features: int,
+    options: ScoreOptions,
+    whitened_sq: Optional[Tensor],
+    outside_sq: Optional[Tensor],
+) -> FixedPointResult:
+    """``fixed_point`` through the compiled op torch_logme::fixed_point (csrc/)."""
+    strict = options.method == "icml"
+    legacy = options.legacy_evidence and not strict  # the ICML code was already correct
+    # Without weights the op adds D - k implicit zero eigenvalues, as below.
+    weights, _ = _logdet_weights(eigenvalues, num_samples, num_features, legacy)
+    alpha, beta, t, evidence, steps = _extension.fixed_point_op(
+        eigenvalues, proj_sq, target_sq, whitened_sq, outside_sq, weights,
+        num_samples, num_features, options.max_iter, options.tol, strict,
+    )
+    return FixedPointResult(alpha, beta, t, evidence, steps)
+
+
+def _fixed_point_torch(
+    eigenvalues: Tensor,
+    proj_sq: Tensor,
+    target_sq: Tensor,
+    num_samples: int,
+    num_features: int,
+    options: ScoreOptions,
+    whitened_sq: Optional[Tensor],
+    outside_sq: Optional[Tensor],
+) -> FixedPointResult:
+    """``fixed_point`` in plain torch ops: about ten small kernels per step."""
     lam = eigenvalues
     n = float(num_samples)
     num_columns = proj_sq.shape[0]

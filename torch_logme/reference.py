@@ -41,7 +41,11 @@ import warnings
 
 import numpy as np
 
-__all__ = ["LogME", "NUMBA_AVAILABLE", "METHODS"]
+__all__ = [
+    "LogME", "NUMBA_AVAILABLE", "METHODS",
+    # the other transferability scores (appended below LogME)
+    "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "ledoit_wolf", "coding_rate",
+]
 
 METHODS = ("fixed_point", "icml")
 
@@ -370,3 +374,183 @@ class LogME:
         if self.regression:
             return logits
         return np.argmax(logits, axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Other transferability scores, written from their papers.
+#
+# Straightforward numpy: loops over classes and class pairs, the covariance
+# matrices and inverses the papers write down. They are the oracle of the
+# batched torch versions in ``torch_logme.scores`` and share none of their
+# algebra (no sufficient-statistic shortcuts, no dual Gram matrices). The
+# formula choices match those documented in ``torch_logme.scores``.
+# ---------------------------------------------------------------------------
+
+#: Relative cut-off of the pseudo-inverses of the H-scores (float64).
+H_SCORE_RCOND = 1e-10
+#: A column whose variance is at most this many eps times its mean square is constant.
+_CONSTANT_COLUMN_EPS = 64
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    return np.asarray(y).reshape(-1).astype(np.int64)
+
+
+def _pinv_psd(a: np.ndarray, rcond: float) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD matrix: eigenvalues <= rcond * max count as 0."""
+    lam, vec = np.linalg.eigh(a)
+    keep = lam > rcond * max(lam.max(), 0.0)
+    inv = np.zeros_like(lam)
+    inv[keep] = 1.0 / lam[keep]
+    return (vec * inv) @ vec.T
+
+
+def leep(source_probs: np.ndarray, target_labels: np.ndarray) -> float:
+    """LEEP (Nguyen et al., ICML 2020) of source probabilities [N, Cs] for target labels [N].
+
+    Empirical joint P(y, z) = (1/N) sum_{i: y_i = y} theta_i(z), conditional
+    P(y | z) = P(y, z) / P(z) (0 for a source class with no mass), score
+    (1/N) sum_i log sum_z P(y_i | z) theta_i(z).
+    """
+    theta = np.asarray(source_probs, dtype=np.float64)
+    y = _labels(target_labels)
+    n, cs = theta.shape
+    joint = np.zeros((int(y.max()) + 1, cs))
+    for c in range(joint.shape[0]):
+        joint[c] = theta[y == c].sum(axis=0) / n
+    marginal = joint.sum(axis=0)
+    cond = np.zeros_like(joint)
+    np.divide(joint, marginal, out=cond, where=marginal > 0)
+    eep = (theta * cond[y]).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return float(np.mean(np.log(eep)))
+
+
+def nce(source_labels: np.ndarray, target_labels: np.ndarray) -> float:
+    """NCE (Tran et al., ICCV 2019): -H(Y | Z) of the empirical joint of hard labels Z and Y."""
+    z = _labels(source_labels)
+    y = _labels(target_labels)
+    n = z.shape[0]
+    total = 0.0
+    for a in np.unique(z):
+        y_given_a = y[z == a]
+        p_a = y_given_a.shape[0] / n
+        for b in np.unique(y_given_a):
+            p_ab = np.count_nonzero(y_given_a == b) / n
+            total += p_ab * math.log(p_ab / p_a)
+    return total
+
+
+def _class_mean_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each row of x [N, D] replaced by the mean of its class: E[x | y] per sample."""
+    g = np.zeros_like(x)
+    for c in np.unique(y):
+        g[y == c] = x[y == c].mean(axis=0)
+    return g
+
+
+def h_score(features: np.ndarray, labels: np.ndarray, rcond: float = H_SCORE_RCOND) -> float:
+    """H-score (Bao et al., ICIP 2019): tr(cov(f)^+ cov(E[f | y])).
+
+    Columns are standardised first (constant ones dropped): the score is
+    invariant to rescaling, and the pseudo-inverse's cut-off then applies to
+    correlations. Covariances are normalised by N.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = _labels(labels)
+    centred = f - f.mean(axis=0)
+    var = (centred ** 2).mean(axis=0)
+    mean_sq = (f ** 2).mean(axis=0)
+    keep = var > _CONSTANT_COLUMN_EPS * np.finfo(np.float64).eps * mean_sq
+    scale = np.zeros_like(var)
+    scale[keep] = 1.0 / np.sqrt(var[keep])
+    z = centred * scale
+    cov_f = np.cov(z, rowvar=False, bias=True).reshape(f.shape[1], f.shape[1])
+    cov_g = np.cov(_class_mean_rows(z, y), rowvar=False, bias=True).reshape(f.shape[1], f.shape[1])
+    return float(np.trace(_pinv_psd(cov_f, rcond) @ cov_g))
+
+
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit & Wolf (2004) shrinkage estimate of the covariance of x [N, p].
+
+    Returns (the estimate (1 - a) S + a mu I, the shrinkage a), with S the
+    covariance normalised by N, mu = tr(S) / p, d^2 = ||S - mu I||^2,
+    b-bar^2 = (1/N^2) sum_k ||x_k x_k^T - S||^2 (norms normalised by p),
+    b^2 = min(b-bar^2, d^2), a = b^2 / d^2.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    xc = x - x.mean(axis=0)
+    s = xc.T @ xc / n
+    mu = np.trace(s) / p
+    target = mu * np.eye(p)
+    d2 = np.sum((s - target) ** 2) / p
+    # ||x_k x_k^T - S||^2 = ||x_k||^4 - 2 x_k^T S x_k + ||S||^2, sample by sample.
+    norms_sq = np.einsum("ij,ij->i", xc, xc)
+    quad = np.einsum("ij,jk,ik->i", xc, s, xc)
+    b2_bar = np.sum(norms_sq ** 2 - 2.0 * quad + np.sum(s * s)) / p / n ** 2
+    b2 = min(b2_bar, d2)
+    shrinkage = b2 / d2 if d2 > 0 else 0.0
+    return (1.0 - shrinkage) * s + shrinkage * target, float(shrinkage)
+
+
+def regularized_h_score(features: np.ndarray, labels: np.ndarray, rcond: float = H_SCORE_RCOND) -> float:
+    """Shrinkage H-score (Ibrahim et al., ICLR 2023): tr(S_a^-1 (1 - a) cov(E[f | y])).
+
+    S_a is the Ledoit-Wolf estimate of the feature covariance and a its
+    shrinkage; covariances are normalised by N.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = _labels(labels)
+    d = f.shape[1]
+    cov_f, shrinkage = ledoit_wolf(f)
+    centred = f - f.mean(axis=0)
+    cov_g = np.cov(_class_mean_rows(centred, y), rowvar=False, bias=True).reshape(d, d)
+    return float(np.trace(_pinv_psd(cov_f, rcond) @ ((1.0 - shrinkage) * cov_g)))
+
+
+def coding_rate(z: np.ndarray, eps: float) -> float:
+    """R(Z, eps) = 1/2 log det(I + Z^T Z / (n eps)) for Z [n, d]."""
+    n, d = z.shape
+    sign, logdet = np.linalg.slogdet(np.eye(d) + z.T @ z / (n * eps))
+    assert sign > 0
+    return 0.5 * logdet
+
+
+def transrate(features: np.ndarray, labels: np.ndarray, eps: float = 1e-4) -> float:
+    """TransRate (Huang et al., ICML 2022): R(Z) - sum_c (n_c / N) R(Z_c), Z centred at its mean."""
+    f = np.asarray(features, dtype=np.float64)
+    y = _labels(labels)
+    z = f - f.mean(axis=0)
+    n = z.shape[0]
+    score = coding_rate(z, eps)
+    for c in np.unique(y):
+        z_c = z[y == c]
+        score -= z_c.shape[0] / n * coding_rate(z_c, eps)
+    return float(score)
+
+
+def gbc(features: np.ndarray, labels: np.ndarray, min_variance: float = 1e-4) -> float:
+    """GBC (Pándy et al., CVPR 2022) with diagonal class covariances.
+
+    -sum over ordered pairs i != j of present classes of exp(-D_B), D_B the
+    Bhattacharyya distance of N(mu_i, diag v_i) and N(mu_j, diag v_j); v is
+    the per-dimension variance (normalised by n_c) floored at min_variance.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = _labels(labels)
+    stats = []
+    for c in np.unique(y):
+        rows = f[y == c]
+        stats.append((rows.mean(axis=0), np.maximum(rows.var(axis=0), min_variance)))
+    total = 0.0
+    for i, (mu_i, v_i) in enumerate(stats):
+        for j, (mu_j, v_j) in enumerate(stats):
+            if i == j:
+                continue
+            v = 0.5 * (v_i + v_j)
+            distance = np.sum((mu_i - mu_j) ** 2 / v) / 8.0 + 0.5 * (
+                np.sum(np.log(v)) - 0.5 * np.sum(np.log(v_i)) - 0.5 * np.sum(np.log(v_j))
+            )
+            total += math.exp(-distance)
+    return -total

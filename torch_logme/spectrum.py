@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .statistics import SufficientStatistics, add_gram_, column_chunks
+from .statistics import SufficientStatistics, add_gram_, add_rows_, column_chunks
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _column_sums(u: Tensor, targets: Tensor, num_columns: int, classification: b
     """Y^T U [C, k] for U [N, k]: per-class row sums for labels, a matmul otherwise."""
     if classification:
         out = torch.zeros(num_columns, u.shape[1], dtype=u.dtype, device=u.device)
-        return out.index_add_(0, targets, u)
+        return add_rows_(out, targets, u)
     return targets.to(u.dtype).T @ u
 
 

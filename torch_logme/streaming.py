@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import spectrum as _spectrum
-from ._checks import as_tensor, prepare
+from ._checks import Inputs, as_tensor, prepare
 from ._options import make_options
 from .evidence import fixed_point
 from .functional import REDUCTIONS
@@ -248,12 +248,17 @@ class LogMEAccumulator(SumAccumulator):
             self._allocate(self.options.device, self._fixed_columns or 0)
 
     # -- state -------------------------------------------------------------
+    # States are made outside inference mode even when the first update runs
+    # inside it (Lightning validates under inference_mode): inference tensors
+    # could not be reset or added to in place afterwards.
+    @torch.inference_mode(False)
     def _allocate(self, device: torch.device, num_columns: int) -> None:
         self._stats = SufficientStatistics.zeros(
             self.num_features, num_columns, dtype=self.options.dtype, device=device
         )
         self._link_states()
 
+    @torch.inference_mode(False)
     def _link_states(self) -> None:
         stats = self._stats
         count = getattr(self, "_count", None)
@@ -271,6 +276,7 @@ class LogMEAccumulator(SumAccumulator):
     def _sizes(self) -> Dict[str, Tuple[int, bool]]:
         return {"num_features": (self.num_features, False), "num_columns": (self.num_columns, self._growable)}
 
+    @torch.inference_mode(False)
     def _grow(self, name: str, size: int) -> None:
         stats = self._stats
         if stats is None:
@@ -297,21 +303,27 @@ class LogMEAccumulator(SumAccumulator):
             self._allocate(device, self._fixed_columns or 0)
 
     # -- the torchmetrics-style API -------------------------------------------
-    def update(self, features: Any, targets: Any) -> None:
-        """Add a batch: features [B, D] (any float dtype); labels [B] or targets [B] / [B, K]."""
+    def check_batch(self, features: Any, targets: Any, device: Optional[torch.device] = None) -> Inputs:
+        """Validate one batch (features [B, D], targets) against these settings, on ``device``."""
         f = as_tensor(features, "features")
         if f.dim() != 2 or f.shape[1] != self.num_features:
             raise ValueError(
                 f"features must be [B, {self.num_features}] (batch x num_features), got shape {tuple(f.shape)}"
             )
-        if self._stats is None:
-            self._allocate(self.options.device or f.device, self._fixed_columns or 0)
-        device = self._stats.gram.device
-        inputs = prepare(
+        return prepare(
             f, targets, regression=self.regression,
             num_classes=None if self.regression else self._fixed_columns,
             device=device, batch=True, check_values=self.check_inputs,
         )
+
+    def update(self, features: Any, targets: Any) -> None:
+        """Add a batch: features [B, D] (any float dtype); labels [B] or targets [B] / [B, K]."""
+        if self._stats is None:
+            device = self.options.device or as_tensor(features, "features").device
+            inputs = self.check_batch(features, targets, device)
+            self._allocate(device, self._fixed_columns or 0)
+        else:
+            inputs = self.check_batch(features, targets, self._stats.gram.device)
         if self.regression and self.num_columns == 0:
             self._grow("num_columns", inputs.num_columns)
         if inputs.num_columns != self.num_columns:

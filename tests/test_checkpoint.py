@@ -1,0 +1,127 @@
+"""CheckpointSelector: scores each epoch, keeps the best state_dict, never a torn file."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from torch_logme import logme
+from torch_logme.checkpoint import CheckpointSelector, atomic_save
+
+
+def task(n=90, seed=0):
+    """Inputs [n, 8] whose first 4 columns carry the class (3 classes), the rest noise."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x = torch.randn(n, 8, generator=gen)
+    x[:, :4] += 2.0 * nn.functional.one_hot(y, 4).float()
+    return x, y
+
+
+def loader_of(x, y, size=32):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
+# Weights of the scored layer per "epoch": noise columns only, signal columns, a mix.
+SCHEDULE = [
+    torch.cat([torch.zeros(4, 4), torch.eye(4)], 1),
+    torch.cat([torch.eye(4), torch.zeros(4, 4)], 1),
+    torch.cat([0.3 * torch.eye(4), torch.eye(4)], 1),
+]
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+
+
+def train_epoch(model, epoch):
+    with torch.no_grad():  # a scripted "training": the feature layer of this epoch
+        model[0].weight.copy_(SCHEDULE[epoch])
+
+
+def test_keeps_the_best_epoch(tmp_path, device):
+    x, y = task()
+    model = make_model().to(device)
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path / "ckpt", num_classes=3)
+    saved = {}
+    for epoch in range(3):
+        train_epoch(model, epoch)
+        model.train()
+        score = selector.step()
+        assert model.training  # the mode is restored after scoring
+        saved[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            expected = logme(model[0](x.to(device)), y)
+        assert score == pytest.approx(float(expected), rel=1e-10)
+    assert [e for e, _ in selector.history] == [0, 1, 2]
+    scores = [s for _, s in selector.history]
+    assert selector.best_epoch == 1 and selector.best_score == max(scores)
+    best = torch.load(selector.path, map_location=device)
+    assert all(torch.equal(best[k], saved[1][k]) for k in best)
+    assert os.listdir(tmp_path / "ckpt") == ["best.pt"]  # no temporary files left
+
+
+def test_scores_in_eval_mode_and_resumes(tmp_path):
+    x, y = task(seed=1)
+    model = make_model()
+    train_epoch(model, 1)
+    selector = CheckpointSelector(model, model[0], loader_of(x, y), tmp_path, on="output", num_classes=3)
+    first = selector.score()
+    assert selector.score() == first  # dropout is off while scoring
+    selector.step(epoch=5)
+    state = selector.state_dict()
+    again = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, num_classes=3)
+    again.load_state_dict(state)
+    assert again.best_epoch == 5 and again.history == [(5, first)]
+    mtime = os.stat(again.path).st_mtime_ns
+    assert again.step() == first and again.history[-1][0] == 6
+    assert again.best_epoch == 5 and os.stat(again.path).st_mtime_ns == mtime  # a tie keeps the old file
+
+
+def test_a_crash_while_saving_keeps_the_previous_best(tmp_path, monkeypatch):
+    x, y = task()
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, num_classes=3)
+    train_epoch(model, 0)
+    selector.step()
+    before = (tmp_path / "best.pt").read_bytes()
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    train_epoch(model, 1)  # better: it would replace the best
+    with pytest.raises(OSError, match="disk full"):
+        selector.step()
+    assert (tmp_path / "best.pt").read_bytes() == before
+    assert os.listdir(tmp_path) == ["best.pt"]
+    assert selector.best_epoch == 0  # the failed epoch did not become the best
+
+
+def test_atomic_save_writes_beside_then_renames(tmp_path, monkeypatch):
+    calls = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        calls.append((os.path.dirname(src), os.path.basename(src), dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    atomic_save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    assert calls and calls[0][0] == str(tmp_path) and calls[0][1] != "m.pt"
+    assert torch.equal(torch.load(tmp_path / "m.pt")["w"], torch.ones(2))
+
+
+def test_bad_arguments(tmp_path):
+    model = make_model()
+    with pytest.raises(ValueError, match="no submodule"):
+        CheckpointSelector(model, "9", [], tmp_path)
+    with pytest.raises(TypeError, match="one module"):
+        CheckpointSelector(model, ["0", "2"], [], tmp_path)
+    with pytest.raises(ValueError, match="method"):
+        CheckpointSelector(model, "0", [], tmp_path, method="nope")
+    assert all(not m._forward_hooks for m in model.modules())

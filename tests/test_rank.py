@@ -1,0 +1,226 @@
+"""rank_models and the `rank` command line."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from torch_logme import Ranking, gbc, h_score, leep, logme, nce, rank_models, transrate
+from torch_logme.__main__ import main
+from torch_logme.ranking import SCORES, ModelScoreError, model_names
+
+from conftest import make_features
+
+F, Y = make_features(200, 10, 3, seed=0)
+NOISE = np.random.default_rng(1).standard_normal((200, 10))
+WEAK = F[:, :3] + 2.0 * np.random.default_rng(2).standard_normal((200, 3))
+
+
+def _probs(sharp, seed):
+    """Source probabilities [200, 5] whose argmax follows Y more or less closely."""
+    logits = np.random.default_rng(seed).standard_normal((200, 5)) + sharp * np.eye(5)[Y]
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_rank_models_orders_best_first(device):
+    models = {"noise": NOISE, "good": F, "weak": WEAK}
+    on = {k: torch.from_numpy(v).to(device) for k, v in models.items()}
+    ranking = rank_models(on, torch.from_numpy(Y).to(device), scores=("logme", "gbc", "h_score"))
+    assert isinstance(ranking, Ranking)
+    assert ranking.models == ["good", "weak", "noise"] and ranking.best == "good"
+    assert [e.rank for e in ranking] == [1, 2, 3]
+    assert ranking[0].scores["logme"] == pytest.approx(float(logme(F, Y)), rel=1e-12)
+    assert ranking[0].scores["gbc"] == pytest.approx(float(gbc(F, Y)), rel=1e-12)
+    values = [e.scores["logme"] for e in ranking]
+    assert values == sorted(values, reverse=True)
+    lines = str(ranking).splitlines()
+    assert "ranked by logme" in lines[0] and "larger is better" in lines[0]
+    assert lines[1].split() == ["rank", "model", "logme", "gbc", "h_score"]
+    assert [line.split()[1] for line in lines[3:]] == ["good", "weak", "noise"]
+
+
+def test_rank_by_another_score_and_list_input():
+    ranking = rank_models([NOISE, F], Y, scores="h_score")
+    assert ranking.models == ["model_1", "model_0"]
+    assert ranking.scores == ("h_score",)
+    assert ranking[0].scores["h_score"] == pytest.approx(float(h_score(F, Y)))
+    d = ranking.to_dict()
+    assert d["ranked_by"] == "h_score" and d["larger_is_better"] == {"h_score": True}
+    assert [row["model"] for row in d["ranking"]] == ["model_1", "model_0"]
+    assert json.loads(ranking.to_json())["ranking"][0]["rank"] == 1
+
+
+def test_leep_and_nce_read_probabilities():
+    sharp, vague = _probs(4.0, 3), _probs(0.3, 4)
+    ranking = rank_models({"vague": vague, "sharp": sharp}, Y, scores=("leep", "nce"))
+    assert ranking.models == ["sharp", "vague"]
+    assert ranking[0].scores["leep"] == pytest.approx(float(leep(sharp, Y)))
+    assert ranking[0].scores["nce"] == pytest.approx(float(nce(sharp.argmax(1), Y)))
+    # A model may carry features and probabilities together.
+    both = {"a": {"features": F, "probs": sharp}, "b": {"features": NOISE, "probs": vague}}
+    mixed = rank_models(both, Y, scores=("logme", "leep"))
+    assert mixed.models == ["a", "b"]
+    with pytest.raises(ModelScoreError, match="'a'.*'probs'"):
+        rank_models({"a": {"features": F}}, Y, scores="leep")
+    with pytest.raises(ModelScoreError, match="model 'f', score 'leep'.*sum to 1"):
+        rank_models({"f": np.abs(F)}, Y, scores="leep")  # features are no probabilities
+
+
+def test_ties_and_nan_rank_last(monkeypatch):
+    from torch_logme import ranking as module
+
+    fake = module.ScoreSpec(lambda x, y, **kw: torch.tensor(float(x[0, 0])), "features", True, "test")
+    monkeypatch.setitem(module.SCORES, "fake", fake)
+    models = {"nan": np.full((2, 1), np.nan), "one": np.ones((2, 1)), "also_one": np.ones((2, 1)),
+              "two": np.full((2, 1), 2.0)}
+    ranking = rank_models(models, np.zeros(2, dtype=int), scores="fake")
+    assert ranking.models == ["two", "one", "also_one", "nan"]
+    assert ranking.to_dict()["ranking"][-1]["fake"] is None
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, fragment",
+    [
+        (({"a": F}, Y), {"scores": "bogus"}, ValueError, "unknown score"),
+        (({"a": F}, Y), {"scores": ()}, ValueError, "at least one"),
+        (({"a": F}, Y), {"scores": ("gbc", "gbc")}, ValueError, "repeated"),
+        (({}, Y), {}, ValueError, "empty"),
+        ((F, Y), {}, TypeError, "dict of name"),
+        (({"a": F}, Y - 1), {}, ValueError, "non-negative"),
+        (({"a": F, "short": F[:50]}, Y), {}, ModelScoreError, "'short'.*disagree on N"),
+        (({"a": F}, Y), {"score_options": {"gbc": {}}}, ValueError, "not requested"),
+    ],
+)
+def test_rank_models_errors(args, kwargs, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        rank_models(*args, **kwargs)
+
+
+def test_score_options():
+    ranking = rank_models({"a": F}, Y, scores="transrate", score_options={"transrate": {"eps": 1e-2}})
+    assert ranking[0].scores["transrate"] == pytest.approx(float(transrate(F, Y, eps=1e-2)))
+    assert set(SCORES) == {"logme", "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc"}
+
+
+def test_model_names():
+    from pathlib import Path
+
+    assert model_names([Path("a/x.npy"), Path("b/y.pt")]) == ["x", "y"]
+    assert model_names([Path("r/a/feat.npy"), Path("r/b/feat.npy")]) == ["a/feat", "b/feat"]
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path):
+    np.save(tmp_path / "good.npy", F)
+    np.save(tmp_path / "noise.npy", NOISE)
+    torch.save(torch.from_numpy(WEAK).float(), tmp_path / "weak.pt")
+    np.savez(tmp_path / "both.npz", features=F, probs=_probs(4.0, 3))
+    np.savez(tmp_path / "labels.npz", labels=Y, other=np.zeros(3))
+    np.save(tmp_path / "labels.npy", Y)
+    return tmp_path
+
+
+def test_cli_table(files, capsys):
+    status = main(["rank", str(files / "noise.npy"), str(files / "good.npy"), str(files / "weak.pt"),
+                   "--labels", str(files / "labels.npy"), "--score", "logme", "gbc"])
+    out = capsys.readouterr().out
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[1].split() == ["rank", "model", "logme", "gbc"]
+    assert [line.split()[1] for line in lines[3:]] == ["good", "weak", "noise"]
+
+
+def test_cli_json(files, capsys):
+    status = main(["rank", str(files / "noise.npy"), str(files / "both.npz"), "--labels", str(files / "labels.npz"),
+                   "--json", "--score", "h_score", "--score", "transrate"])
+    assert status == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ranked_by"] == "h_score" and out["scores"] == ["h_score", "transrate"]
+    assert [r["model"] for r in out["ranking"]] == ["both", "noise"]
+    assert out["ranking"][0]["file"].endswith("both.npz")
+    assert out["ranking"][0]["h_score"] == pytest.approx(float(h_score(F, Y)))
+
+
+def test_cli_leep_from_npz(files, capsys):
+    assert main(["rank", str(files / "both.npz"), "--labels", str(files / "labels.npy"), "--score", "leep"]) == 0
+    assert "both" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, make, fragment",
+    [
+        ("bad.npy", lambda p: p.write_bytes(b"not an array"), "bad.npy: cannot read"),
+        ("bad.pt", lambda p: p.write_bytes(b"not a checkpoint"), "bad.pt: cannot read"),
+        ("bad.npy", lambda p: np.save(p, F[:150]), "bad.npy: has 150 rows, but the labels"),
+        ("bad.npy", lambda p: np.save(p, F[:, 0]), r"bad.npy \(logme\):.*2-D"),
+        ("bad.npz", lambda p: np.savez(p, a=F, b=F), "bad.npz: holds several arrays"),
+        ("bad.txt", lambda p: p.write_text("1 2 3"), "bad.txt: unknown file type"),
+        ("bad.npy", lambda p: None, "bad.npy: no such file"),
+    ],
+)
+def test_cli_bad_feature_files(files, capsys, name, make, fragment):
+    make(files / name)
+    status = main(["rank", str(files / "good.npy"), str(files / name), "--labels", str(files / "labels.npy")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("torch-logme rank: error:") and re.search(fragment, err), err
+    assert "Traceback" not in err
+
+
+def test_cli_bad_labels(files, capsys):
+    np.save(files / "neg.npy", Y - 1)
+    assert main(["rank", str(files / "good.npy"), "--labels", str(files / "neg.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "neg.npy" in err and "non-negative" in err
+    np.savez(files / "many.npz", a=Y, b=Y)
+    assert main(["rank", str(files / "good.npy"), "--labels", str(files / "many.npz")]) == 1
+    assert "many.npz" in capsys.readouterr().err
+
+
+def test_cli_unknown_score_is_a_usage_error(files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rank", str(files / "good.npy"), "--labels", str(files / "labels.npy"), "--score", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_subprocess_no_traceback(files):
+    # The real entry point: exit status and stderr as a user sees them.
+    (files / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch_logme", "rank", str(files / "broken.npz"), "--labels", str(files / "labels.npy")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "broken.npz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the README section's examples run as written ----------------------------------------
+
+def _readme_blocks():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Other transferability scores and model ranking")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"^```python\n(.*?)^```", text[start:end], flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("code", _readme_blocks(), ids=lambda c: c.splitlines()[-1][:30])
+def test_readme_examples_run(code, capsys):
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    if "rank_models" in code:  # the table the README shows is the one printed
+        assert "   1  good   -0.375082   1.79752  -7.11708" in out
+    if "Accumulator" in code:
+        first, second = out.splitlines()[-2:]
+        assert first == second == "[-7.117081, 2.641785]"

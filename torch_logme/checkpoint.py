@@ -1,0 +1,156 @@
+"""Checkpoint selection by LogME: after each epoch, score a layer, keep the best.
+
+``CheckpointSelector(model, layer, loader, directory)`` runs the model over
+the target task's loader with a forward hook on ``layer``
+(:mod:`torch_logme.hooks`), and when the score beats every earlier epoch it
+writes ``model.state_dict()`` to ``directory/best.pt``. The file is replaced
+atomically (temporary file in the same directory, fsync, ``os.replace``), so
+a crash mid-write leaves the previous best intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import Layer, LayerScorer
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj, path)`` such that ``path`` holds either the old or the new file, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(x, device) for x in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+class CheckpointSelector:
+    """Score ``layer`` of ``model`` on ``loader`` after each epoch; keep the best state_dict.
+
+    Args:
+        model: the network being trained.
+        layer: the module (or dotted name) whose features are scored.
+        loader: iterable of ``(inputs, labels)`` batches of the target task;
+            ``model(inputs)`` is called for each, in eval mode, under no_grad.
+        directory: where the best checkpoint goes (created if missing).
+        filename: name of the checkpoint file (default ``best.pt``).
+        device: where to move ``inputs``; default: the device of the model's
+            first parameter. The labels are moved to the features' device.
+        on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
+            (e.g. ``on="input"``, ``num_classes=10``).
+
+    After :meth:`step`, ``history`` is the list of (epoch, score), and
+    ``best_epoch`` / ``best_score`` name the epoch in ``path``. A tie keeps
+    the earlier epoch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Layer,
+        loader: Iterable,
+        directory: PathLike,
+        *,
+        filename: str = "best.pt",
+        device: Union[str, torch.device, None] = None,
+        on: str = "output",
+        transform: Optional[Callable[[Any], Tensor]] = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(layer, (str, nn.Module)):
+            raise TypeError(f"layer must be one module or dotted name, got {type(layer).__name__}")
+        # Resolve the layer and check the options now rather than after the first epoch.
+        LayerScorer(model, layer, on=on, transform=transform, **options).remove()
+        self.model = model
+        self.layer = layer
+        self.loader = loader
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / filename
+        self.device = torch.device(device) if device is not None else None
+        self._scorer_kwargs: Dict[str, Any] = dict(on=on, transform=transform, **options)
+        self.history: List[Tuple[int, float]] = []
+        self.best_epoch: Optional[int] = None
+        self.best_score: Optional[float] = None
+
+    def score(self) -> float:
+        """LogME of the layer's features over the loader, for the model as it is now."""
+        device = self.device or _model_device(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with LayerScorer(self.model, self.layer, **self._scorer_kwargs) as scorer, torch.no_grad():
+                for inputs, labels in self.loader:
+                    scorer.labels(labels)
+                    self.model(_to_device(inputs, device))
+            (value,) = scorer.compute().values()
+        finally:
+            self.model.train(was_training)
+        return float(value)
+
+    def step(self, epoch: Optional[int] = None) -> float:
+        """Score the model for ``epoch`` (default: the next number), save it if it is the best so far."""
+        if epoch is None:
+            epoch = self.history[-1][0] + 1 if self.history else 0
+        value = self.score()
+        self.history.append((epoch, value))
+        if not math.isnan(value) and (self.best_score is None or value > self.best_score):
+            atomic_save(self.model.state_dict(), self.path)
+            self.best_epoch, self.best_score = epoch, value
+        return value
+
+    def state_dict(self) -> Dict[str, Any]:
+        """History and best so far, to resume selection after a restart."""
+        return {"history": list(self.history), "best_epoch": self.best_epoch, "best_score": self.best_score}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.history = [(int(e), float(s)) for e, s in state["history"]]
+        self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]

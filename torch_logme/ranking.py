@@ -1,0 +1,372 @@
+"""Rank pre-trained models by transferability scores: ``rank_models`` and the ``rank`` command.
+
+Every model is scored on the same labels with each chosen score; models are
+ordered by the first score, best first (every score here is "larger is
+better"; the table says so). Feature scores (LogME, H-scores, TransRate,
+GBC) read each model's features [N, D]. LEEP and NCE score the source
+model's *predictions* instead: they read each model's source-class
+probabilities [N, Cs] (NCE takes their argmax as the hard source labels).
+A model given as a mapping may hold both, under the keys ``"features"`` and
+``"probs"``; a plain array is used for whichever kind a score needs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checks import as_tensor, prepare_labels
+from ._options import make_options
+from .functional import logme
+from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
+
+__all__ = ["rank_models", "Ranking", "RankedModel", "SCORES", "ScoreSpec", "ModelScoreError"]
+
+
+def _nce_from_probs(probs: Any, labels: Any, **options: Any) -> Tensor:
+    """NCE of a model given its source-class probabilities [N, Cs] (or hard labels [N])."""
+    p = as_tensor(probs, "source_probs")
+    hard = p.argmax(1) if p.dim() == 2 and p.shape[1] > 0 else p
+    return nce(hard, labels, **options)
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """A score that ``rank_models`` can compute.
+
+    fn(model_input, labels, dtype=..., device=..., **options) -> 0-dim tensor.
+    input: "features" ([N, D]) or "probs" (source-class probabilities [N, Cs]).
+    """
+
+    fn: Callable[..., Tensor]
+    input: str
+    larger_is_better: bool
+    paper: str
+
+
+#: The scores ``rank_models`` and ``python -m torch_logme rank`` know, by name.
+SCORES: Dict[str, ScoreSpec] = {
+    "logme": ScoreSpec(logme, "features", True, "You et al., ICML 2021"),
+    "leep": ScoreSpec(leep, "probs", True, "Nguyen et al., ICML 2020"),
+    "nce": ScoreSpec(_nce_from_probs, "probs", True, "Tran et al., ICCV 2019"),
+    "h_score": ScoreSpec(h_score, "features", True, "Bao et al., ICIP 2019"),
+    "regularized_h_score": ScoreSpec(regularized_h_score, "features", True, "Ibrahim et al., ICLR 2023"),
+    "transrate": ScoreSpec(transrate, "features", True, "Huang et al., ICML 2022"),
+    "gbc": ScoreSpec(gbc, "features", True, "Pándy et al., CVPR 2022"),
+}
+
+
+class ModelScoreError(ValueError):
+    """A model's input could not be scored; ``model`` and ``score`` say which."""
+
+    def __init__(self, model: str, score: str, message: str) -> None:
+        super().__init__(f"model {model!r}, score {score!r}: {message}")
+        self.model = model
+        self.score = score
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class RankedModel:
+    """One row of a ranking: 1-based rank, model name, score values by score name."""
+
+    rank: int
+    name: str
+    scores: Dict[str, float]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Models ordered by ``scores[0]``, best first.
+
+    ``str(ranking)`` is a table in that order; ``ranking.models`` the names;
+    ``ranking.to_dict()`` a JSON-ready dict. Iterating gives RankedModel rows.
+    """
+
+    scores: Tuple[str, ...]
+    entries: Tuple[RankedModel, ...]
+
+    @property
+    def models(self) -> List[str]:
+        return [e.name for e in self.entries]
+
+    @property
+    def best(self) -> str:
+        return self.entries[0].name
+
+    def __iter__(self) -> Iterator[RankedModel]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> RankedModel:
+        return self.entries[index]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """{"ranked_by", "scores", "larger_is_better", "ranking": [{"rank", "model", <score>: value}]}.
+
+        NaN scores become None (JSON null).
+        """
+        def clean(v: float) -> Optional[float]:
+            return None if math.isnan(v) else v
+
+        return {
+            "ranked_by": self.scores[0],
+            "scores": list(self.scores),
+            "larger_is_better": {s: SCORES[s].larger_is_better for s in self.scores},
+            "ranking": [
+                {"rank": e.rank, "model": e.name, **{s: clean(e.scores[s]) for s in self.scores}}
+                for e in self.entries
+            ],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ["rank", "model", *self.scores]
+        rows = [[str(e.rank), e.name, *(f"{e.scores[s]:.6g}" for s in self.scores)] for e in self.entries]
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+        def line(cells: List[str]) -> str:
+            # Model names left-aligned, numbers right-aligned.
+            padded = (c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "  ".join(padded).rstrip()
+
+        direction = "larger is better" if SCORES[self.scores[0]].larger_is_better else "smaller is better"
+        out = [f"ranked by {self.scores[0]} ({direction}), best first", line(header), "-" * len(line(header))]
+        out += [line(r) for r in rows]
+        return "\n".join(out)
+
+
+def _score_input(name: str, model: Any, score: str) -> Any:
+    kind = SCORES[score].input
+    if isinstance(model, Mapping):
+        if kind not in model:
+            keys = ", ".join(map(repr, model)) or "none"
+            what = "features [N, D]" if kind == "features" else "source-class probabilities [N, Cs]"
+            raise ModelScoreError(name, score, f"needs {kind!r} ({what}); the model has keys {keys}")
+        return model[kind]
+    return model
+
+
+def _check_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    names = (scores,) if isinstance(scores, str) else tuple(scores)
+    if not names:
+        raise ValueError("scores must name at least one score")
+    for s in names:
+        if s not in SCORES:
+            raise ValueError(f"unknown score {s!r}; choose from {', '.join(SCORES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"scores are repeated: {names}")
+    return names
+
+
+def rank_models(
+    features_by_model: Union[Mapping[str, Any], Sequence[Any]],
+    labels: Any,
+    scores: Union[str, Sequence[str]] = ("logme",),
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: Union[str, torch.device, None] = None,
+    score_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> Ranking:
+    """Score several models on one labelled task and rank them, best first.
+
+    Args:
+        features_by_model: name -> features [N, D] (tensor or numpy array,
+            D may differ between models), or a list (named "model_0", ...).
+            For "leep" and "nce" the model's input is its source-class
+            probabilities [N, Cs] instead; a model may also be a mapping
+            {"features": [N, D], "probs": [N, Cs]} to serve both kinds.
+        labels: class ids [N], shared by all models.
+        scores: score names (see ``SCORES``); the ranking follows the first.
+        dtype, device: passed to every score.
+        score_options: extra keywords per score name, e.g.
+            ``{"transrate": {"eps": 1e-3}}``.
+
+    Returns:
+        A Ranking; ``str()`` of it is a table, best model first. A NaN score
+        ranks last; ties keep the input order.
+
+    Raises:
+        ModelScoreError (a ValueError) naming the model and score whose
+        input is bad, with the score's own message.
+    """
+    names = _check_scores(scores)
+    if isinstance(features_by_model, Mapping):
+        models = [(str(k), v) for k, v in features_by_model.items()]
+    elif isinstance(features_by_model, (list, tuple)):
+        models = [(f"model_{i}", v) for i, v in enumerate(features_by_model)]
+    else:
+        raise TypeError(
+            f"features_by_model must be a dict of name -> features or a list, got {type(features_by_model).__name__}"
+        )
+    if not models:
+        raise ValueError("features_by_model is empty; give at least one model")
+    make_options(dtype=dtype, device=device)  # a bad option fails here, not as a model's error
+    prepare_labels(labels, "labels")  # so do bad labels
+    options = {s: dict((score_options or {}).get(s, {})) for s in names}
+    unknown = set(score_options or {}) - set(names)
+    if unknown:
+        raise ValueError(f"score_options for scores not requested: {sorted(unknown)}")
+
+    table: List[Dict[str, float]] = []
+    for name, model in models:
+        row = {}
+        for s in names:
+            spec = SCORES[s]
+            value = _score_input(name, model, s)
+            try:
+                row[s] = float(spec.fn(value, labels, dtype=dtype, device=device, **options[s]))
+            except (ValueError, TypeError) as err:
+                raise ModelScoreError(name, s, str(err)) from err
+        table.append(row)
+
+    first = names[0]
+    sign = -1.0 if SCORES[first].larger_is_better else 1.0
+
+    def key(i: int) -> Tuple[bool, float]:
+        v = table[i][first]
+        return (math.isnan(v), 0.0 if math.isnan(v) else sign * v)
+
+    order = sorted(range(len(models)), key=key)  # stable: ties keep the input order
+    entries = tuple(RankedModel(r + 1, models[i][0], table[i]) for r, i in enumerate(order))
+    return Ranking(names, entries)
+
+
+# -- the `rank` command ------------------------------------------------------------
+
+FILE_TYPES = (".npy", ".npz", ".pt", ".pth")
+LABEL_KEYS = ("labels", "targets", "y")
+
+
+class InputFileError(ValueError):
+    """A file given to the ``rank`` command cannot be used; the message names it."""
+
+
+def _read(path: Path) -> Union[np.ndarray, Tensor, Dict[str, Any]]:
+    """The array, or the dict of arrays, stored in a .npy, .npz or .pt file."""
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise InputFileError(f"{path}: unknown file type {suffix or '(none)'!r}; expected .npy, .npz or .pt")
+    if not path.is_file():
+        raise InputFileError(f"{path}: no such file")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # numpy, zipfile and pickle raise many types for a corrupt file
+        raise InputFileError(f"{path}: cannot read it as a {suffix} file ({type(err).__name__}: {err})") from None
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    raise InputFileError(f"{path}: expected a tensor or a dict of tensors, got {type(obj).__name__}")
+
+
+def _pick(path: Path, content: Any, keys: Sequence[str], what: str) -> Any:
+    """The one array in ``content``, or the first of ``keys`` when it holds several."""
+    if not isinstance(content, dict):
+        return content
+    if not content:
+        raise InputFileError(f"{path}: holds no arrays")
+    if len(content) == 1:
+        return next(iter(content.values()))
+    for key in keys:
+        if key in content:
+            return content[key]
+    raise InputFileError(
+        f"{path}: holds several arrays ({', '.join(content)}); name the {what} one {' or '.join(map(repr, keys))}"
+    )
+
+
+def load_model_file(path: Union[str, Path]) -> Any:
+    """A model's input from a file: one array, or {"features", "probs"} from a multi-array file."""
+    path = Path(path)
+    content = _read(path)
+    if isinstance(content, dict) and len(content) > 1:
+        picked = {k: content[k] for k in ("features", "probs") if k in content}
+        if not picked:
+            raise InputFileError(
+                f"{path}: holds several arrays ({', '.join(content)}); name them 'features' and/or 'probs'"
+            )
+        return picked
+    return _pick(path, content, (), "features")
+
+
+def load_labels_file(path: Union[str, Path]) -> Any:
+    """Labels [N] from a file: its one array, or the one named labels / targets / y."""
+    path = Path(path)
+    return _pick(path, _read(path), LABEL_KEYS, "labels")
+
+
+def model_names(paths: Sequence[Path]) -> List[str]:
+    """File stems, lengthened with parent folders until they are unique."""
+    parts = [p.with_suffix("").parts for p in paths]
+    depth = 1
+    while True:
+        names = ["/".join(ps[-depth:]) for ps in parts]
+        if len(set(names)) == len(names) or all(depth >= len(ps) for ps in parts):
+            break
+        depth += 1
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise InputFileError(f"the same file is given twice: {', '.join(dupes)}")
+    return names
+
+
+def _rows(x: Any) -> Optional[int]:
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) >= 1 else None
+
+
+def rank_files(
+    feature_paths: Sequence[Union[str, Path]],
+    labels_path: Union[str, Path],
+    scores: Sequence[str] = ("logme",),
+    *,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Ranking, Dict[str, str]]:
+    """Read the files and rank the models; returns (ranking, model name -> file).
+
+    Raises InputFileError naming the file for unreadable files, files with
+    another number of rows than the labels, and inputs a score rejects.
+    """
+    scores = _check_scores(scores)
+    make_options(dtype=dtype, device=device)
+    paths = [Path(p) for p in feature_paths]
+    labels_path = Path(labels_path)
+    labels = load_labels_file(labels_path)
+    try:
+        prepare_labels(labels, "labels")
+    except (ValueError, TypeError) as err:
+        raise InputFileError(f"{labels_path} (labels): {err}") from None
+    n = _rows(labels)
+    names = model_names(paths)
+    models: Dict[str, Any] = {}
+    for name, path in zip(names, paths):
+        model = load_model_file(path)
+        for part in (model.values() if isinstance(model, dict) else [model]):
+            rows = _rows(part)
+            if rows != n:
+                got = "a scalar" if rows is None else f"{rows} rows"
+                raise InputFileError(f"{path}: has {got}, but the labels in {labels_path} have {n}")
+        models[name] = model
+    files = {name: str(path) for name, path in zip(names, paths)}
+    try:
+        ranking = rank_models(models, labels, scores, device=device, dtype=dtype)
+    except ModelScoreError as err:
+        raise InputFileError(f"{files[err.model]} ({err.score}): {err.reason}") from None
+    return ranking, files

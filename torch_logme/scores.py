@@ -1,0 +1,798 @@
+"""Other transferability scores, on the same inputs and machinery as LogME.
+
+Every score here is a function of a few sums over samples, computed once in
+row chunks on the compute device (the features are never copied whole to
+float64, except by the N <= D forms, which work on the N x N Gram matrix),
+then a small amount of dense linear algebra over classes, class pairs or
+feature dimensions, batched: there is no Python loop over classes.
+
+    LEEP        P(y, z): the target/source-class joint        [Ct, Cs]
+    NCE         counts of (source label, target label) pairs  [Cs, Ct]
+    H-score     F^T F, class sums, class counts               [D, D], [C, D], [C]
+    reg. H      the same + sum ||x||^2 x and sum ||x||^4      [D], []
+    TransRate   per-class F_c^T F_c, class sums, counts       [C, D, D], ...
+    GBC         per-class sums and sums of squares, counts    [C, D], [C, D], [C]
+
+``ClassMoments`` holds these sums; the streaming accumulators
+(``torch_logme.streaming_scores``) keep the same sums as their states and
+call the same ``*_from_moments`` functions, so the functional and streaming
+scores share their arithmetic.
+
+The functional scores subtract the feature mean before accumulating, so
+that covariances formed from the sums lose no digits to cancellation. Every
+score is shift-invariant, so this changes nothing but the round-off.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._checks import prepare, prepare_label_pair, prepare_probabilities
+from ._options import make_options
+from .statistics import CHUNK_BYTES, add_gram_, add_rows_
+
+__all__ = [
+    "leep",
+    "nce",
+    "h_score",
+    "regularized_h_score",
+    "transrate",
+    "gbc",
+    "ClassMoments",
+    "DEFAULT_RCOND",
+]
+
+Device = Union[str, torch.device, None]
+
+#: Relative cut-off of the pseudo-inverses in the H-scores: eigenvalues at or
+#: below ``rcond * largest`` count as zero. Round-off puts the eigenvalues of
+#: an exactly singular covariance near eps * sqrt(D) * largest, far below.
+DEFAULT_RCOND = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+#: A feature column whose variance is at most this many eps (of the compute
+#: dtype) times its mean square is constant: the H-score drops it instead of
+#: dividing by the round-off left in its variance.
+CONSTANT_COLUMN_EPS = 64
+
+#: Row chunks of the passes over the data on CPU, with a floor on the rows (see _row_chunks).
+CPU_CHUNK_BYTES = 8 << 20
+CPU_CHUNK_ROWS = 256
+
+#: Memory bound of the temporaries of one block of classes (TransRate's
+#: per-class Gram matrices, GBC's class-pair terms).
+BLOCK_BYTES = 256 << 20
+#: Fewest rows per class that one batched product of TransRate's Gram
+#: matrices takes, so that huge D cannot shrink the products to single rows.
+MIN_WINDOW = 256
+
+
+# -- shared helpers ----------------------------------------------------------------
+
+
+def _resolve(dtype: torch.dtype, device: Device) -> Tuple[torch.dtype, Optional[torch.device]]:
+    """Validate ``dtype`` and ``device`` exactly as ``logme`` does."""
+    options = make_options(dtype=dtype, device=device)
+    return options.dtype, options.device
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _row_chunks(f: Tensor, dtype: torch.dtype, shift: Optional[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
+    """Yield (rows, f[rows] in ``dtype`` minus ``shift``).
+
+    GPUs get chunks of CHUNK_BYTES (few launches). CPUs get smaller chunks
+    (CPU_CHUNK_BYTES, but at least CPU_CHUNK_ROWS rows so that Gram updates
+    stay matrix products): their temporaries are reused from the allocator's
+    cache instead of fresh, page-faulting memory, which made the element-wise
+    passes 2-4x faster on a 2-core machine. Much smaller chunks lose again
+    to the per-operation cost of OpenMP on a loaded machine.
+    """
+    n, d = f.shape
+    row_bytes = max(1, d * _itemsize(dtype))
+    if f.device.type == "cpu":
+        step = max(CPU_CHUNK_ROWS, CPU_CHUNK_BYTES // row_bytes)
+    else:
+        step = CHUNK_BYTES // row_bytes
+    step = max(1, min(n, step))
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        x = f[rows].to(dtype)
+        yield rows, (x if shift is None else x - shift)
+
+
+def feature_mean(f: Tensor, dtype: torch.dtype) -> Tensor:
+    """Column means [D] of f [N, D], summed in ``dtype``.
+
+    Only a shift: the moment formulas are exact for any shift, and one close
+    to the mean keeps the sums of squares from cancelling.
+    """
+    return f.sum(0, dtype=dtype) / f.shape[0]
+
+
+def symmetric(gram: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle ``gram`` [D, D] holds.
+
+    ``add_gram_`` may accumulate only the upper triangle (it does on CPU for
+    large D), so Gram matrices it built are read through that triangle.
+    """
+    return torch.triu(gram) + torch.triu(gram, 1).T
+
+
+def _pinv_diagonal(values: Tensor, rcond: float) -> Tensor:
+    """1 / values where values > rcond * max(values), else 0 (a pseudo-inverse of a diagonal)."""
+    cutoff = rcond * values.amax().clamp_min(torch.finfo(values.dtype).tiny)
+    keep = values > cutoff
+    return torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+
+
+def _rcond(rcond: Optional[float], dtype: torch.dtype) -> float:
+    if rcond is None:
+        return DEFAULT_RCOND[dtype]
+    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0 <= rcond < 1:
+        raise ValueError(f"rcond must be a float in [0, 1), got {rcond!r}")
+    return float(rcond)
+
+
+def _positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == math.inf:
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class ClassMoments:
+    """Sums over samples of x = features - shift, some per class.
+
+    counts: [C] samples per class.
+    sums: [C, D] per-class sums of x.
+    shift: [D] what was subtracted from the features, or None when the sums
+        are of the raw features (the streaming accumulators).
+    gram: [D, D] sum of x x^T (its upper triangle: see ``full_gram``), or None.
+    squares: [C, D] per-class sums of x * x, or None.
+    norm_sq_sums: [D] sum of ||x||^2 x, or None.
+    norm_quartic: [] sum of ||x||^4, or None.
+    """
+
+    counts: Tensor
+    sums: Tensor
+    shift: Optional[Tensor] = None
+    gram: Optional[Tensor] = None
+    squares: Optional[Tensor] = None
+    norm_sq_sums: Optional[Tensor] = None
+    norm_quartic: Optional[Tensor] = None
+
+    @classmethod
+    def zeros(
+        cls,
+        num_features: int,
+        num_classes: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        gram: bool = False,
+        squares: bool = False,
+        fourth: bool = False,
+    ) -> "ClassMoments":
+        kw = dict(dtype=dtype, device=device)
+        d, c = num_features, num_classes
+        return cls(
+            torch.zeros(c, **kw),
+            torch.zeros(c, d, **kw),
+            None,
+            torch.zeros(d, d, **kw) if gram else None,
+            torch.zeros(c, d, **kw) if squares else None,
+            torch.zeros(d, **kw) if fourth else None,
+            torch.zeros((), **kw) if fourth else None,
+        )
+
+    def add_(self, features: Tensor, labels: Tensor) -> "ClassMoments":
+        """Add a batch in place: features [B, D] (shifted by ``self.shift``), int64 labels [B]."""
+        dtype = self.sums.dtype
+        for rows, x in _row_chunks(features, dtype, self.shift):
+            y = labels[rows]
+            # index_add_ rather than bincount: bincount reads the largest label to the host.
+            self.counts.index_add_(0, y, torch.ones_like(y, dtype=dtype))
+            add_rows_(self.sums, y, x)
+            if self.gram is not None:
+                add_gram_(self.gram, x)
+            if self.squares is not None:
+                add_rows_(self.squares, y, x * x)
+            if self.norm_sq_sums is not None:
+                norm_sq = (x * x).sum(1)
+                self.norm_sq_sums.add_(norm_sq @ x)
+                self.norm_quartic.add_((norm_sq * norm_sq).sum())
+        return self
+
+    @property
+    def num_samples(self) -> Tensor:
+        return self.counts.sum()
+
+    def mean(self) -> Tensor:
+        """Mean [D] of x (not of the features: add ``shift`` for that)."""
+        return self.sums.sum(0) / self.num_samples
+
+    def feature_mean(self) -> Tensor:
+        """Mean [D] of the features themselves."""
+        mu = self.mean()
+        return mu if self.shift is None else mu + self.shift
+
+    def full_gram(self) -> Tensor:
+        """sum x x^T [D, D], symmetric (``gram`` may hold only its upper triangle)."""
+        return symmetric(self.gram)
+
+    def covariance(self) -> Tensor:
+        """Covariance [D, D] of the features, normalised by N (the MLE)."""
+        mu = self.mean()
+        return self.full_gram() / self.num_samples - torch.outer(mu, mu)
+
+    def between(self) -> Tensor:
+        """[C, D]: n_c (mean_c - mean), the class-mean offsets scaled by their counts."""
+        return self.sums - self.counts[:, None] * self.mean()
+
+    def between_weights(self) -> Tensor:
+        """[C]: 1 / (N n_c) for present classes, 0 for absent ones.
+
+        With ``between()`` this gives the between-class covariance
+        sum_c (n_c / N) d_c d_c^T = sum_c b_c b_c^T / (N n_c), b_c = n_c d_c.
+        """
+        present = self.counts > 0
+        safe = torch.where(present, self.counts, torch.ones_like(self.counts))
+        return torch.where(present, 1.0 / (self.num_samples * safe), torch.zeros_like(safe))
+
+
+def _moments(f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, **which: bool) -> ClassMoments:
+    """Moments of features [N, D] minus their mean, labels [N] in 0..num_classes-1."""
+    m = ClassMoments.zeros(f.shape[1], num_classes, dtype=dtype, device=f.device, **which)
+    m.shift = feature_mean(f, dtype)
+    return m.add_(f, y)
+
+
+def _constant_columns(var: Tensor, mean: Tensor) -> Tensor:
+    """[D] bool: columns whose variance is round-off of their mean square (var + mean^2)."""
+    eps = torch.finfo(var.dtype).eps
+    return var <= CONSTANT_COLUMN_EPS * eps * (var + mean * mean)
+
+
+# -- LEEP and NCE: scores of the source model's predictions -------------------------
+
+
+def leep(
+    source_probs: Any,
+    target_labels: Any,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> Tensor:
+    """LEEP (Nguyen et al., ICML 2020): log expected empirical prediction.
+
+    Args:
+        source_probs: [N, Cs] the source model's class probabilities (softmax
+            outputs; rows sum to 1), tensor or numpy array, any device.
+        target_labels: [N] target class ids 0..Ct-1.
+        dtype: compute precision (float64 by default).
+        device: where to compute; default where ``source_probs`` are.
+
+    Returns:
+        0-dim tensor: (1/N) sum_i log sum_z P(y_i | z) theta_i(z), with the
+        empirical P(y | z) = P(y, z) / P(z), P(y, z) = (1/N) sum_{i: y_i = y}
+        theta_i(z). Larger is better; it is an average log-likelihood, <= 0.
+        Source classes that get no probability mass contribute nothing.
+    """
+    dtype, device = _resolve(dtype, device)
+    p, y, num_target = prepare_probabilities(source_probs, target_labels, device=device)
+    n, cs = p.shape
+    with torch.no_grad():
+        joint = torch.zeros(num_target, cs, dtype=dtype, device=p.device)
+        if p.dtype == dtype:  # nothing to convert: one pass, no chunks
+            add_rows_(joint, y, p)
+        else:
+            for rows, chunk in _row_chunks(p, dtype, None):
+                add_rows_(joint, y[rows], chunk)
+        joint /= n
+        marginal = joint.sum(0)
+        has_mass = marginal > 0
+        cond = torch.where(has_mass, joint / torch.where(has_mass, marginal, torch.ones_like(marginal)),
+                           torch.zeros_like(joint))  # [Ct, Cs]: P(y | z)
+        total = torch.zeros((), dtype=dtype, device=p.device)
+        for rows, chunk in _row_chunks(p, dtype, None):
+            # The expected empirical prediction of each sample's own label.
+            total += (cond[y[rows]] * chunk).sum(1).log().sum()
+    return total / n
+
+
+def nce_from_counts(joint_counts: Tensor) -> Tensor:
+    """NCE from the [Cs, Ct] counts of (source label, target label) pairs."""
+    joint = joint_counts / joint_counts.sum()
+    source = joint.sum(1, keepdim=True)
+    seen = joint > 0
+    safe_joint = torch.where(seen, joint, torch.ones_like(joint))
+    safe_source = torch.where(source > 0, source, torch.ones_like(source))
+    # 0 log 0 = 0: pairs never seen contribute nothing.
+    return torch.where(seen, joint * torch.log(safe_joint / safe_source), torch.zeros_like(joint)).sum()
+
+
+def nce(
+    source_labels: Any,
+    target_labels: Any,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> Tensor:
+    """NCE (Tran et al., ICCV 2019): negative conditional entropy -H(Y | Z).
+
+    Args:
+        source_labels: [N] the source model's hard labels Z (argmax of its
+            predictions), ids 0..Cs-1.
+        target_labels: [N] target class ids Y, 0..Ct-1.
+        dtype, device: compute precision (float64) and device.
+
+    Returns:
+        0-dim tensor sum_{z, y} P(z, y) log P(y | z) with the empirical joint
+        of the N pairs. Larger is better; <= 0, and 0 when Z determines Y.
+    """
+    dtype, device = _resolve(dtype, device)
+    s, t, cs, ct = prepare_label_pair(source_labels, target_labels, device=device)
+    with torch.no_grad():
+        counts = torch.zeros(cs * ct, dtype=dtype, device=s.device)
+        counts.index_add_(0, s * ct + t, torch.ones_like(s, dtype=dtype))
+        return nce_from_counts(counts.view(cs, ct))
+
+
+# -- H-score and its shrinkage version ------------------------------------------
+
+
+def h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
+    """H-score from counts, class sums and F^T F (primal: a D x D eigendecomposition).
+
+    The covariance is standardised first (the score is invariant to
+    rescaling the features), so the pseudo-inverse's cut-off is relative to
+    correlations, not to the raw scale of each column.
+    """
+    cov = m.covariance()
+    var = cov.diagonal()
+    constant = _constant_columns(var, m.feature_mean())
+    scale = torch.where(constant, torch.zeros_like(var), torch.where(constant, torch.ones_like(var), var).rsqrt())
+    corr = cov * scale[:, None] * scale[None, :]
+    lam, vec = torch.linalg.eigh(corr)
+    proj = (m.between() * scale) @ vec  # [C, D]: class offsets in the eigenbasis
+    return (m.between_weights()[:, None] * proj * proj * _pinv_diagonal(lam, rcond)).sum()
+
+
+def _dual_standardised(f: Tensor, dtype: torch.dtype, standardise: bool) -> Tensor:
+    """Centred (and optionally standardised) features [N, D] in ``dtype``, for N <= D."""
+    x = f.to(dtype)
+    mean = feature_mean(f, dtype)
+    x = x - mean
+    if standardise:
+        var = (x * x).mean(0)
+        constant = _constant_columns(var, mean)
+        scale = torch.where(constant, torch.zeros_like(var), torch.where(constant, torch.ones_like(var), var).rsqrt())
+        x = x * scale
+    return x
+
+
+def _class_sums_of_rows(u: Tensor, y: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
+    """([C, K] per-class sums of the rows of u [N, K], [C] counts)."""
+    sums = add_rows_(torch.zeros(num_classes, u.shape[1], dtype=u.dtype, device=u.device), y, u)
+    counts = torch.zeros(num_classes, dtype=u.dtype, device=u.device)
+    counts.index_add_(0, y, torch.ones_like(y, dtype=u.dtype))
+    return sums, counts
+
+
+def _inverse_counts(counts: Tensor) -> Tensor:
+    present = counts > 0
+    return torch.where(present, 1.0 / torch.where(present, counts, torch.ones_like(counts)), torch.zeros_like(counts))
+
+
+def _h_score_dual(f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, rcond: float) -> Tensor:
+    """H-score for N <= D from the N x N Gram matrix of the standardised, centred features.
+
+    With K = X X^T / N = U diag(lam) U^T, tr(cov^+ cov_between) equals
+    sum over kept eigenvectors u_i of sum_c (u_i . 1_c)^2 / n_c.
+    """
+    x = _dual_standardised(f, dtype, standardise=True)
+    lam, u = torch.linalg.eigh(x @ x.T / x.shape[0])
+    sums, counts = _class_sums_of_rows(u, y, num_classes)
+    keep = _pinv_diagonal(lam, rcond) > 0
+    return (_inverse_counts(counts)[:, None] * sums * sums * keep).sum()
+
+
+def h_score(
+    features: Any,
+    labels: Any,
+    *,
+    rcond: Optional[float] = None,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> Tensor:
+    """H-score (Bao et al., ICIP 2019): tr(cov(f)^+ cov(E[f | y])).
+
+    Args:
+        features: [N, D] tensor or numpy array, any device.
+        labels: [N] class ids.
+        rcond: relative cut-off of the pseudo-inverse (default 1e-10 in
+            float64, 1e-4 in float32), applied to the correlation matrix.
+        dtype, device: compute precision (float64) and device.
+
+    Returns:
+        0-dim tensor in [0, C - 1]. Larger is better. Both covariances are
+        normalised by N (the ratio does not depend on the normalisation).
+        Columns are standardised before the pseudo-inverse and constant
+        columns are dropped; for full-rank features this is exactly the
+        paper's score, which is invariant to rescaling the features.
+    """
+    dtype, device = _resolve(dtype, device)
+    rcond = _rcond(rcond, dtype)
+    inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    f, y, c = inputs.features, inputs.targets, inputs.num_columns
+    with torch.no_grad():
+        if inputs.num_samples <= inputs.num_features:
+            return _h_score_dual(f, y, c, dtype, rcond)
+        return h_score_from_moments(_moments(f, y, c, dtype, gram=True), rcond)
+
+
+def _ledoit_wolf(
+    trace: Tensor, fro_sq: Tensor, dev_sq: Tensor, quartic: Tensor, n: Tensor, p: int
+) -> Tuple[Tensor, Tensor]:
+    """Ledoit & Wolf (2004) shrinkage of the covariance S towards mu I.
+
+    Args: tr(S), ||S||_F^2, ||S - mu I||_F^2, sum_k ||x_k||^4 over centred
+    samples, N and the dimension p. Returns (shrinkage alpha in [0, 1],
+    mu = tr(S) / p); the estimate is (1 - alpha) S + alpha mu I.
+    """
+    mu = trace / p
+    delta = dev_sq / p  # d^2 = ||S - mu I||^2 in the paper's normalised norm
+    # b-bar^2 = (1/N^2) sum_k ||x_k x_k^T - S||^2 = (sum_k ||x_k||^4 - N ||S||^2) / N^2
+    beta_bar = ((quartic / n - fro_sq) / (n * p)).clamp_min(0)
+    beta = torch.minimum(beta_bar, delta)
+    positive = delta > 0
+    alpha = torch.where(positive, beta / torch.where(positive, delta, torch.ones_like(delta)), torch.zeros_like(delta))
+    return alpha, mu
+
+
+def regularized_h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
+    """Shrinkage H-score from counts, class sums, F^T F and the fourth-moment sums."""
+    n = m.num_samples
+    p = m.sums.shape[1]
+    mu = m.mean()
+    gram = m.full_gram()
+    cov = gram / n - torch.outer(mu, mu)
+    # sum_k ||x_k - mu||^4 from the raw sums, expanding the square of ||x||^2 - 2 x.mu + ||mu||^2.
+    mu_sq = mu @ mu
+    quartic = (
+        m.norm_quartic - 4 * (mu @ m.norm_sq_sums) + 4 * (mu @ gram @ mu)
+        + 2 * mu_sq * gram.trace() - 3 * n * mu_sq * mu_sq
+    )
+    trace = cov.trace()
+    dev = cov.clone()
+    dev.diagonal().sub_(trace / p)
+    alpha, target = _ledoit_wolf(trace, (cov * cov).sum(), (dev * dev).sum(), quartic, n, p)
+    lam, vec = torch.linalg.eigh(cov)
+    shrunk = (1 - alpha) * lam + alpha * target
+    proj = m.between() @ vec
+    return (1 - alpha) * (m.between_weights()[:, None] * proj * proj * _pinv_diagonal(shrunk, rcond)).sum()
+
+
+def _regularized_h_score_dual(f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, rcond: float) -> Tensor:
+    """Shrinkage H-score for N <= D, from the N x N Gram matrix K = X X^T / N of centred features.
+
+    S = X^T X / N shares its non-zero eigenvalues lam with K; the D - N others
+    are 0. tr(S), ||S||_F^2 and sum_k ||x_k||^4 = sum_k (N K_kk)^2 all follow
+    from K, and the class offsets lie in the span of the eigenvectors of the
+    non-zero eigenvalues, where their term is lam (u_i . 1_c)^2 / (n_c shrunk_i).
+    """
+    x = _dual_standardised(f, dtype, standardise=False)
+    n, p = x.shape
+    k = x @ x.T / n
+    lam, u = torch.linalg.eigh(k)
+    lam = lam.clamp_min(0)
+    trace = lam.sum()
+    mu = trace / p
+    dev_sq = ((lam - mu) ** 2).sum() + (p - n) * mu * mu
+    quartic = ((n * k.diagonal()) ** 2).sum()
+    nt = torch.tensor(float(n), dtype=dtype, device=x.device)
+    alpha, target = _ledoit_wolf(trace, (lam * lam).sum(), dev_sq, quartic, nt, p)
+    shrunk = (1 - alpha) * lam + alpha * target
+    # The D - N zero eigenvalues shrink to alpha * mu: they set the cut-off's scale too.
+    inv = _pinv_diagonal(torch.cat([shrunk, (alpha * target).reshape(1)]), rcond)[:n]
+    sums, counts = _class_sums_of_rows(u, y, num_classes)
+    return (1 - alpha) * (_inverse_counts(counts)[:, None] * sums * sums * lam * inv).sum()
+
+
+def regularized_h_score(
+    features: Any,
+    labels: Any,
+    *,
+    rcond: Optional[float] = None,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> Tensor:
+    """Shrinkage-regularised H-score (Ibrahim et al., ICLR 2023).
+
+    tr(S_alpha^-1 (1 - alpha) cov(E[f | y])) with the Ledoit-Wolf (2004)
+    estimate S_alpha = (1 - alpha) S + alpha (tr(S) / D) I of the feature
+    covariance S and its optimal shrinkage alpha.
+
+    Args:
+        features: [N, D] tensor or numpy array, any device.
+        labels: [N] class ids.
+        rcond: relative cut-off of the pseudo-inverse of S_alpha (only bites
+            when alpha = 0); default 1e-10 (float64), 1e-4 (float32).
+        dtype, device: compute precision (float64) and device.
+
+    Returns:
+        0-dim tensor in [0, C - 1]. Larger is better. S and the
+        between-class covariance are both normalised by N (the MLE, as
+        Ledoit-Wolf's S is).
+    """
+    dtype, device = _resolve(dtype, device)
+    rcond = _rcond(rcond, dtype)
+    inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    f, y, c = inputs.features, inputs.targets, inputs.num_columns
+    with torch.no_grad():
+        if inputs.num_samples <= inputs.num_features:
+            return _regularized_h_score_dual(f, y, c, dtype, rcond)
+        return regularized_h_score_from_moments(_moments(f, y, c, dtype, gram=True, fourth=True), rcond)
+
+
+# -- TransRate -------------------------------------------------------------------
+
+
+def logdet_spd(a: Tensor) -> Tensor:
+    """log det of symmetric positive definite matrices [..., K, K] (Cholesky; eigvalsh if that fails)."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        return torch.linalg.eigvalsh(a).clamp_min(torch.finfo(a.dtype).tiny).log().sum(-1)
+    return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def _coding_rates(gram: Tensor, counts: Tensor, eps: float) -> Tensor:
+    """[B]: 1/2 log det(I + G_c / (n_c eps)) for Gram matrices [B, K, K] of classes with counts [B] > 0."""
+    a = gram / (counts * eps)[:, None, None]
+    a.diagonal(dim1=-2, dim2=-1).add_(1)
+    return 0.5 * logdet_spd(a)
+
+
+def class_gram_blocks(
+    f: Tensor,
+    y: Tensor,
+    counts_host: List[int],
+    shift: Optional[Tensor],
+    dtype: torch.dtype,
+    *,
+    dual: bool,
+    total: Optional[Tensor] = None,
+    budget: int = BLOCK_BYTES,
+) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Per-class Gram matrices of x = f - shift, a block of classes at a time.
+
+    Yields (class ids [B], grams [B, K, K]) for every class with samples:
+    K = D (x_c^T x_c) or, when ``dual`` and the block's largest class has
+    fewer than D samples, K = that size (x_c x_c^T, zero-padded: a padded
+    row adds an identity row to I + G and nothing to its log det).
+
+    Classes are taken in order of size, so a block pads to a similar size;
+    rows are gathered into a zero-padded [B, R, D] tensor, R rows per class
+    at a time (a window), and multiplied as one batched matmul. The blocks
+    and windows bound the temporaries by ``budget`` bytes; they are a loop
+    over data, not over classes.
+
+    ``total`` [D, D], when given, receives the sum of x x^T over all the rows
+    (exact in its upper triangle): the whole data's Gram matrix, for the
+    cost of the dual blocks' rows only, since the primal blocks' Gram
+    matrices already sum to their part.
+    """
+    device, d = f.device, f.shape[1]
+    item = _itemsize(dtype)
+    by_size = sorted(range(len(counts_host)), key=counts_host.__getitem__)
+    sizes = [counts_host[c] for c in by_size]
+    # Samples ordered by class, classes ordered by size: a block is a run of rows.
+    rank = torch.empty(len(by_size), dtype=torch.int64)
+    rank[torch.tensor(by_size, dtype=torch.int64)] = torch.arange(len(by_size))
+    order = torch.argsort(rank.to(device)[y], stable=True)
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+
+    def cost(num: int, largest: int) -> int:
+        if dual and largest < d:  # the whole class at once, and its Gram matrix
+            return num * (largest * d + largest * largest) * item
+        return num * (min(largest, MIN_WINDOW) * d + d * d) * item  # a window of rows, and D x D
+
+    b = bisect.bisect_right(sizes, 0)  # classes without samples have no Gram matrix
+    while b < len(sizes):
+        # The longest run of classes from b whose block fits the budget (at least one).
+        lo, hi = b + 1, len(sizes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cost(mid - b, sizes[mid - 1]) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        e = lo
+        num, largest = e - b, sizes[e - 1]
+        use_dual = dual and largest < d
+        if use_dual:
+            window = largest
+        else:  # as many rows as the budget leaves beside the Gram matrices
+            spare = (budget - num * d * d * item) // (num * d * item)
+            window = min(largest, max(MIN_WINDOW, spare))
+        k = largest if use_dual else d
+        grams = torch.zeros(num, k, k, dtype=dtype, device=device)
+        block_starts = torch.tensor(starts[b:e], dtype=torch.int64, device=device)
+        block_sizes = torch.tensor(sizes[b:e], dtype=torch.int64, device=device)
+        for offset in range(0, largest, window):
+            j = offset + torch.arange(window, device=device)
+            valid = j[None, :] < block_sizes[:, None]  # [B, R]
+            rows = order[(block_starts[:, None] + j[None, :])[valid]]
+            x = f[rows].to(dtype)
+            padded = torch.zeros(num, window, d, dtype=dtype, device=device)
+            padded[valid] = x if shift is None else x - shift
+            if use_dual:
+                grams += padded @ padded.transpose(1, 2)
+                if total is not None:
+                    add_gram_(total, padded.reshape(-1, d))
+            else:
+                grams += padded.transpose(1, 2) @ padded
+        if total is not None and not use_dual:
+            total += grams.sum(0)
+        yield torch.tensor(by_size[b:e], dtype=torch.int64, device=device), grams
+        b = e
+
+
+def transrate_from_class_grams(
+    class_grams: Tensor, sums: Tensor, counts: Tensor, eps: float, budget: int = BLOCK_BYTES
+) -> Tensor:
+    """TransRate from per-class sums of x x^T [C, D, D], class sums [C, D] and counts [C].
+
+    Centres every class's second moment at the global mean mu:
+    Z_c^T Z_c = G_c - s_c mu^T - mu s_c^T + n_c mu mu^T; their sum over
+    classes is the whole data's Z^T Z = G - N mu mu^T. Classes are taken a
+    block at a time so that the centred copies stay within ``budget`` bytes.
+    """
+    c, d = sums.shape
+    n = counts.sum()
+    mu = sums.sum(0) / n
+    outer = torch.outer(mu, mu)
+    whole = _coding_rates((class_grams.sum(0) - n * outer)[None], n.reshape(1), eps)[0]
+    cond = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    step = max(1, budget // max(1, 3 * d * d * _itemsize(sums.dtype)))
+    for start in range(0, c, step):  # blocks of classes, to bound memory
+        rows = slice(start, min(start + step, c))
+        k = counts[rows]
+        cross = sums[rows, :, None] * mu[None, None, :]  # s_c mu^T
+        centred = class_grams[rows] - cross - cross.transpose(1, 2) + k[:, None, None] * outer
+        present = k > 0
+        rates = _coding_rates(centred, torch.where(present, k, torch.ones_like(k)), eps)
+        cond = cond + torch.where(present, k / n * rates, torch.zeros_like(k)).sum()
+    return whole - cond
+
+
+def transrate(
+    features: Any,
+    labels: Any,
+    *,
+    eps: float = 1e-4,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> Tensor:
+    """TransRate (Huang et al., ICML 2022): the coding-rate difference R(Z) - R(Z | Y).
+
+    With Z the features centred at their mean and Z_c the rows of class c,
+    R(Z) = 1/2 log det(I + Z^T Z / (N eps)) and
+    R(Z | Y) = sum_c (n_c / N) 1/2 log det(I + Z_c^T Z_c / (n_c eps)).
+
+    Two choices (see the README): the conditional rate weights classes by
+    their frequency n_c / N, as the paper defines it (the published code
+    averages uniformly over ids 0..max, which fails on an absent id); and
+    ``eps`` scales as in the published code, 1 / (n eps), which is the
+    paper's d / (n eps'^2) with eps' = sqrt(d eps).
+
+    Args:
+        features: [N, D] tensor or numpy array, any device.
+        labels: [N] class ids.
+        eps: distortion (default 1e-4, as published).
+        dtype, device: compute precision (float64) and device.
+
+    Returns:
+        0-dim tensor, >= 0. Larger is better.
+    """
+    dtype, device = _resolve(dtype, device)
+    eps = _positive(eps, "eps")
+    inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    f, y, c = inputs.features, inputs.targets, inputs.num_columns
+    n = inputs.num_samples
+    with torch.no_grad():
+        mean = feature_mean(f, dtype)
+        counts = torch.zeros(c, dtype=dtype, device=f.device).index_add_(0, y, torch.ones_like(y, dtype=dtype))
+        counts_host = [int(v) for v in counts.tolist()]
+        cond = torch.zeros((), dtype=dtype, device=f.device)
+        # With N > D the class blocks also sum the whole data's D x D Gram matrix.
+        whole = torch.zeros(f.shape[1], f.shape[1], dtype=dtype, device=f.device) if n > f.shape[1] else None
+        for ids, grams in class_gram_blocks(f, y, counts_host, mean, dtype, dual=True, total=whole):
+            cond = cond + (counts[ids] / n * _coding_rates(grams, counts[ids], eps)).sum()
+        if whole is None:  # N <= D: the N x N Gram matrix of all rows
+            for _, gram in class_gram_blocks(f, torch.zeros_like(y), [n], mean, dtype, dual=True):
+                whole = gram[0]
+        else:
+            whole = symmetric(whole)
+        return _coding_rates(whole[None], counts.new_full((1,), n), eps)[0] - cond
+
+
+# -- GBC -----------------------------------------------------------------------------
+
+
+def gbc_from_moments(counts: Tensor, sums: Tensor, squares: Tensor, min_variance: float,
+                     budget: int = BLOCK_BYTES) -> Tensor:
+    """GBC from per-class counts [C], sums [C, D] and sums of squares [C, D] (of shifted features).
+
+    The Bhattacharyya coefficient is symmetric, so only pairs i < j are
+    evaluated (and counted twice): a block of classes i against the classes
+    from the block's first one on, [B, C - start, D] at a time, with B chosen
+    so that a block's temporaries stay within ``budget`` bytes.
+    """
+    c, d = sums.shape
+    present = counts > 0
+    safe = torch.where(present, counts, torch.ones_like(counts))[:, None]
+    mean = sums / safe
+    var = (squares / safe - mean * mean).clamp_min(min_variance)
+    quarter_logdet = 0.25 * var.log().sum(1)  # [C]: 1/4 log det diag(v_c)
+    # At least 8 blocks when there are classes enough: later blocks skip the pairs already done.
+    step = max(1, min(-(-c // 8), budget // max(1, 3 * c * d * _itemsize(sums.dtype))))
+    total = torch.zeros((), dtype=sums.dtype, device=sums.device)
+    index = torch.arange(c, device=sums.device)
+    for start in range(0, c, step):  # blocks of classes, to bound memory and skip j < i
+        rows, cols = slice(start, min(start + step, c)), slice(start, c)
+        avg = var[rows, None, :] + var[None, cols, :]
+        avg.mul_(0.5)  # [B, C', D]: the average of the two diagonal covariances
+        gap = mean[rows, None, :] - mean[None, cols, :]
+        gap.square_().div_(avg)
+        # Bhattacharyya distance between N(mu_i, diag v_i) and N(mu_j, diag v_j).
+        dist = gap.sum(-1).div_(8) + 0.5 * avg.log_().sum(-1)
+        dist -= quarter_logdet[rows, None] + quarter_logdet[None, cols]
+        pair = present[rows, None] & present[None, cols] & (index[rows, None] < index[None, cols])
+        total += torch.where(pair, torch.exp(-dist), torch.zeros_like(dist)).sum()
+    return -2 * total
+
+
+def gbc(
+    features: Any,
+    labels: Any,
+    *,
+    min_variance: float = 1e-4,
+    dtype: torch.dtype = torch.float64,
+    device: Device = None,
+) -> Tensor:
+    """GBC (Pándy et al., CVPR 2022): minus the summed Gaussian Bhattacharyya coefficients.
+
+    Each class c present in ``labels`` is a Gaussian N(mu_c, diag(v_c)) with
+    the class mean and the per-dimension variance (normalised by n_c, floored
+    at ``min_variance`` as in the published code). The score is
+    -sum_{i != j} exp(-D_B(i, j)) over ordered pairs of classes (each
+    unordered pair counts twice, as in the paper), with the Bhattacharyya
+    distance D_B(i, j) = 1/8 sum_k (mu_ik - mu_jk)^2 / v_k + 1/2 sum_k
+    log(v_k / sqrt(v_ik v_jk)), v_k = (v_ik + v_jk) / 2.
+
+    Args:
+        features: [N, D] tensor or numpy array, any device.
+        labels: [N] class ids.
+        min_variance: floor of the class variances (default 1e-4, as
+            published); it is absolute, so it assumes features of unit scale.
+        dtype, device: compute precision (float64) and device.
+
+    Returns:
+        0-dim tensor in [-C (C - 1), 0]. Larger (closer to 0) is better.
+    """
+    dtype, device = _resolve(dtype, device)
+    min_variance = _positive(min_variance, "min_variance")
+    inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    with torch.no_grad():
+        m = _moments(inputs.features, inputs.targets, inputs.num_columns, dtype, squares=True)
+        return gbc_from_moments(m.counts, m.sums, m.squares, min_variance)
