@@ -18,6 +18,16 @@ def make_features(n: int, d: int, c: int, seed: int = 0, scale: float = 1.0):
     return feats * scale, labels
 
 
+def batches(n: int, sizes: list) -> list:
+    """Split range(n) into consecutive slices of the given sizes (cycled)."""
+    out, start, i = [], 0, 0
+    while start < n:
+        stop = min(start + sizes[i % len(sizes)], n)
+        out.append(slice(start, stop))
+        start, i = stop, i + 1
+    return out
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param

@@ -9,19 +9,9 @@ import torch
 
 from torch_logme import LogMEAccumulator, logme
 
-from conftest import DTYPES, make_features
+from conftest import DTYPES, batches, make_features
 
 RTOL = 1e-10
-
-
-def batches(n, sizes):
-    """Split range(n) into consecutive slices of the given sizes (cycled)."""
-    out, start, i = [], 0, 0
-    while start < n:
-        stop = min(start + sizes[i % len(sizes)], n)
-        out.append(slice(start, stop))
-        start, i = stop, i + 1
-    return out
 
 
 def close(a, b, rtol=RTOL):

@@ -20,7 +20,7 @@ from torch_logme import (
     transrate,
 )
 
-from conftest import make_features
+from conftest import batches, make_features
 
 RTOL = 1e-10
 
@@ -30,15 +30,6 @@ ACCUMULATORS = {
     "transrate": (TransRateAccumulator, transrate),
     "gbc": (GBCAccumulator, gbc),
 }
-
-
-def batches(n, sizes):
-    out, start, i = [], 0, 0
-    while start < n:
-        stop = min(start + sizes[i % len(sizes)], n)
-        out.append(slice(start, stop))
-        start, i = stop, i + 1
-    return out
 
 
 def close(a, b, rtol=RTOL):
