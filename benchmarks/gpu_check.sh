@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of the compiled fixed point, for a machine with a CUDA GPU and a
-# CUDA build of torch: build the extension with its CUDA kernel, run the CUDA
-# tests, then print the table of benchmarks/fixed_point_table.py (compiled
-# vs pure-torch fixed point, and logme end to end, at (N, D, C) in
-# {(10000, 768, 10), (50000, 2048, 1000), (100000, 4096, 1000)}).
+# GPU check, for a machine with a CUDA GPU and a CUDA build of torch: build
+# the extension with its CUDA kernel, run every CUDA test, then print
+# - benchmarks/fixed_point_table.py: compiled vs pure-torch fixed point, and
+#   logme end to end, at (N, D, C) in {(10000, 768, 10), (50000, 2048, 1000),
+#   (100000, 4096, 1000)};
+# - benchmarks/table.py: logme on the GPU against the reference, and at
+#   (50000, 2048, 1000) against the floor Gram + eigh, with peak memory;
+# - benchmarks/stream.py: the per-batch update cost at B = 256, D = 2048, and
+#   10 million rows x 1024 streamed through one accumulator.
 #
 #   bash benchmarks/gpu_check.sh                 # build, test, table
 #   bash benchmarks/gpu_check.sh --repeat 20     # extra arguments go to the table
@@ -30,7 +34,13 @@ echo "built in $(( $(date +%s) - start )) s (log: build/gpu-build.log)"
 "$PYTHON" -c "import sys, torch_logme; sys.exit(0 if torch_logme.extension_available('cuda') else 'gpu_check: the CUDA kernel is not available')"
 
 echo "== CUDA tests"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_extension.py tests/test_logme.py -k cuda
+"$PYTHON" -m pytest -q -p no:cacheprovider tests -k cuda
 
 echo "== fixed point and end to end, compiled vs pure torch"
 "$PYTHON" benchmarks/fixed_point_table.py --device cuda "$@"
+
+echo "== logme on the GPU: against the reference, and against Gram + eigh alone"
+"$PYTHON" benchmarks/table.py --device cuda --shapes all --repeat 3 --check
+
+echo "== streaming: update cost and 10M rows"
+"$PYTHON" benchmarks/stream.py --device cuda --rows 10000000
