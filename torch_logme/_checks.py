@@ -70,7 +70,7 @@ def _check_features(features: Tensor, min_samples: int) -> None:
         raise TypeError(f"features must hold real numbers (float or int), got {features.dtype}")
     n, d = features.shape
     if n < min_samples:
-        what = "LogME needs at least 2 samples" if min_samples == 2 else "a batch needs at least 1 sample"
+        what = "the score needs at least 2 samples" if min_samples == 2 else "a batch needs at least 1 sample"
         raise ValueError(f"{what}, got N = {n}")
     if d < 1:
         raise ValueError("features have D = 0 feature dimensions; expected D >= 1")
@@ -169,9 +169,9 @@ def _check_values(
     read = torch.stack(values).tolist()
 
     if not read[0]:
-        raise ValueError("features contain NaN or Inf; LogME needs finite features")
+        raise ValueError("features contain NaN or Inf; expected finite values")
     if require_nonzero and not read[1]:
-        raise ValueError("features are all zero (rank 0); LogME needs features with at least one non-zero value")
+        raise ValueError("features are all zero (rank 0); expected at least one non-zero value")
     if y.is_floating_point() and not read[2]:
         kind = "regression targets" if regression else "class labels"
         raise ValueError(f"{kind} contain NaN or Inf")

@@ -347,7 +347,7 @@ class LogMEAccumulator(SumAccumulator):
             raise ValueError("no class or target columns seen yet")
         stats = SufficientStatistics(states["gram"], states["cross"], states["target_sq"], n)
         if not bool(stats.gram.diagonal().gt(0).any()):
-            raise ValueError("features are all zero (rank 0); LogME needs features with at least one non-zero value")
+            raise ValueError("features are all zero (rank 0); expected at least one non-zero value")
         with torch.no_grad():
             spec = _spectrum.primal(stats, with_basis=False)
             result = fixed_point(
