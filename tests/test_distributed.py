@@ -49,7 +49,8 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
             result["compute"] = acc.compute(reduction="none")  # syncs a copy
             result["again"] = acc.compute(reduction="none")  # no double counting
             acc.sync()
-            result["synced_local"] = acc._compute(acc._states, reduction="none")  # no further sync
+            acc.sync_on_compute = False  # no further sync: the local state is the global one now
+            result["synced_local"] = acc.compute(reduction="none")
         elif scenario == "mismatch":
             acc = LogMEAccumulator(12 if rank == 0 else 11)
             acc.update(f[:10, : acc.num_features], y[:10])

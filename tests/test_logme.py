@@ -332,8 +332,8 @@ def test_float32_input_is_converted_in_chunks(monkeypatch):
     seen = []
     real = statistics.row_chunks
 
-    def spy(features, dtype):
-        for rows, chunk in real(features, dtype):
+    def spy(features, dtype, shift=None):
+        for rows, chunk in real(features, dtype, shift):
             seen.append(chunk.shape[0])
             yield rows, chunk
 

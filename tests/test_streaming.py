@@ -100,7 +100,7 @@ def test_reset_merge_and_memory(device):
     y_all = torch.cat([yt[:50], yt[50:] % 2])
     assert close(a.compute(), logme(ft, y_all, num_classes=3))
     # O(D^2 + D C) numbers, whatever N.
-    assert sum(v.numel() for v in a.states.values()) == 8 * 8 + 3 * 8 + 3 + 1
+    assert sum(v.numel() for v in a.states.values()) == 8 * 8 + 8 + 3 * 8 + 3 + 3 + 1
     a.reset()
     a.update(ft[:60], yt[:60])
     assert close(a.compute(), logme(ft[:60], yt[:60], num_classes=3))

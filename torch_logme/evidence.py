@@ -1,4 +1,4 @@
-"""The LogME fixed point and evidence, for all columns at once (DESIGN §2).
+"""The LogME fixed point and evidence, for all columns at once (docs/design.md).
 
 Each column c keeps its own alpha_c, beta_c and stops on its own step: a
 column that has met the stopping rule is frozen by a mask while the others
@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
 from . import _extension
 from ._options import ScoreOptions
+
+if TYPE_CHECKING:
+    from .spectrum import Spectrum
 
 # Added to ||m||^2 and to the residual before dividing, as in the published code.
 EPSILON = 1e-5
@@ -52,12 +55,19 @@ class FixedPointResult:
     steps: Tensor
 
 
-def _logdet_weights(lam: Tensor, n: int, d: int, legacy: bool) -> tuple[Optional[Tensor], int]:
+def _logdet_weights(
+    lam: Tensor, n: int, d: int, legacy: bool, raw: Optional[Tensor] = None
+) -> tuple[Optional[Tensor], int]:
     """Which of the k eigenvalues enter log|A|, and how many implicit zeros add log(alpha).
 
     Correct evidence: all k, plus D - k zero eigenvalues. Published fixed-point
     code: only its rank-k truncation, the min(N, D) largest eigenvalues and,
-    when N > D, only those whose singular value exceeds 1e-10.
+    when N > D, only those whose singular value exceeds 1e-10. That code
+    takes the singular values of F^T F in float64, which are the magnitudes
+    of its eigenvalues, and a zero one comes out as round-off of about
+    eps * largest: so it keeps every direction whenever that round-off is
+    above the cut-off, whatever the rank. ``raw`` [k] are the eigenvalues
+    before the unresolved ones were set to 0 (default: ``lam``).
     """
     k = lam.shape[0]
     if not legacy:
@@ -65,7 +75,9 @@ def _logdet_weights(lam: Tensor, n: int, d: int, legacy: bool) -> tuple[Optional
     keep = torch.zeros(k, dtype=torch.bool, device=lam.device)
     keep[torch.argsort(lam, descending=True)[: min(n, d)]] = True
     if n > d:
-        keep &= lam > _PUBLISHED_RANK_CUTOFF**2
+        size = (lam if raw is None else raw).abs().to(torch.float64)
+        floor = torch.finfo(torch.float64).eps * size.amax()
+        keep &= torch.maximum(size, floor) > _PUBLISHED_RANK_CUTOFF**2
     return keep.to(lam.dtype), 0
 
 
@@ -78,6 +90,7 @@ def fixed_point(
     options: ScoreOptions,
     whitened_sq: Optional[Tensor] = None,
     outside_sq: Optional[Tensor] = None,
+    raw_eigenvalues: Optional[Tensor] = None,
 ) -> FixedPointResult:
     """Run the published fixed point on every column at once.
 
@@ -88,11 +101,14 @@ def fixed_point(
     whitened_sq, outside_sq: optional [C, k] and [C], with
         proj_sq = eigenvalues * whitened_sq (see Spectrum); when given, the
         residual is summed from positive terms instead of by subtraction.
+    raw_eigenvalues: optional [k], the eigenvalues before unresolved ones
+        were set to 0; only ``legacy_evidence`` reads them (its rank cut-off).
 
     Runs the compiled op when it serves the device and dtype (see
     ``torch_logme.extension_available``), else the pure-torch loop.
     """
-    args = (eigenvalues, proj_sq, target_sq, num_samples, num_features, options, whitened_sq, outside_sq)
+    args = (eigenvalues, proj_sq, target_sq, num_samples, num_features, options, whitened_sq, outside_sq,
+            raw_eigenvalues)
     if eigenvalues.dtype in _COMPILED_DTYPES and _extension.extension_available(eigenvalues.device):
         return _fixed_point_compiled(*args)
     return _fixed_point_torch(*args)
@@ -107,12 +123,13 @@ def _fixed_point_compiled(
     options: ScoreOptions,
     whitened_sq: Optional[Tensor],
     outside_sq: Optional[Tensor],
+    raw_eigenvalues: Optional[Tensor] = None,
 ) -> FixedPointResult:
     """``fixed_point`` through the compiled op torch_logme::fixed_point (csrc/)."""
     strict = options.method == "icml"
     legacy = options.legacy_evidence and not strict  # the ICML code was already correct
     # Without weights the op adds D - k implicit zero eigenvalues, as below.
-    weights, _ = _logdet_weights(eigenvalues, num_samples, num_features, legacy)
+    weights, _ = _logdet_weights(eigenvalues, num_samples, num_features, legacy, raw_eigenvalues)
     alpha, beta, t, evidence, steps = _extension.fixed_point_op(
         eigenvalues, proj_sq, target_sq, whitened_sq, outside_sq, weights,
         num_samples, num_features, options.max_iter, options.tol, strict,
@@ -129,6 +146,7 @@ def _fixed_point_torch(
     options: ScoreOptions,
     whitened_sq: Optional[Tensor],
     outside_sq: Optional[Tensor],
+    raw_eigenvalues: Optional[Tensor] = None,
 ) -> FixedPointResult:
     """``fixed_point`` in plain torch ops: about ten small kernels per step."""
     lam = eigenvalues
@@ -181,7 +199,7 @@ def _fixed_point_torch(
         m2 = m2 + EPSILON
         res2 = res2 + EPSILON
     legacy = options.legacy_evidence and not strict  # the ICML code was already correct
-    weights, zeros = _logdet_weights(lam, num_samples, num_features, legacy)
+    weights, zeros = _logdet_weights(lam, num_samples, num_features, legacy, raw_eigenvalues)
     log_terms = torch.log(alpha.unsqueeze(1) + beta.unsqueeze(1) * lam)
     logdet = (log_terms if weights is None else log_terms * weights).sum(1)
     logdet = logdet + zeros * torch.log(alpha)
@@ -194,3 +212,27 @@ def _fixed_point_torch(
         - 0.5 * n * math.log(2 * math.pi)
     ) / n
     return FixedPointResult(alpha, beta, t_used, evidence, steps)
+
+
+def roundoff_error(spec: "Spectrum", result: FixedPointResult) -> Tensor:
+    """[C] a first-order bound on how far each column's evidence may be off from round-off in ``spec``.
+
+    At the fixed point, d(N * evidence) / d(lam_i) = (alpha p_i^2 / (t + lam_i) - 1) / (2 (t + lam_i)),
+    with t = alpha / beta and p_i^2 = z_i^2 / lam_i the whitened projection.
+    Each eigenvalue is uncertain by its ``noise``; one that was not resolved
+    (set to 0) by all the range it was cut from, with the z it had. Nearly
+    equal eigenvalues mix their eigenvectors by as much: a factor 2.
+    """
+    lam = spec.eigenvalues
+    t = (result.alpha / result.beta).unsqueeze(1)  # [C, 1]
+    unresolved = lam <= 0
+    dims = max(lam.shape[0], spec.num_samples)
+    spread = torch.where(unresolved, dims * spec.noise, spec.noise)  # [k]
+    if spec.whitened_sq is not None:
+        p_sq = spec.whitened_sq
+    else:
+        z_sq = spec.proj_sq if spec.dropped_sq is None else spec.proj_sq + spec.dropped_sq
+        p_sq = z_sq / torch.where(unresolved, spread, lam).clamp_min(torch.finfo(lam.dtype).tiny)
+    denom = t + lam
+    slope = (1 + result.alpha.unsqueeze(1) * p_sq / denom) / (2 * denom)
+    return 2 * (slope * spread).sum(1) / spec.num_samples

@@ -8,8 +8,8 @@ never copied whole to float64.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Tuple
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,20 +61,37 @@ def _chunk_len(total: int, other: int, dtype: torch.dtype) -> int:
     return max(1, min(total, CHUNK_BYTES // max(per_item, 1)))
 
 
-def row_chunks(features: Tensor, dtype: torch.dtype) -> Iterator[Tuple[slice, Tensor]]:
-    """Yield (rows, features[rows] in ``dtype``) for features [N, D].
+def row_chunks(
+    features: Tensor, dtype: torch.dtype, shift: Optional[Tensor] = None
+) -> Iterator[Tuple[slice, Tensor]]:
+    """Yield (rows, features[rows] in ``dtype`` minus ``shift`` [D]) for features [N, D].
 
-    Already in ``dtype``: one chunk, no copy. Otherwise chunks of about
-    CHUNK_BYTES, so that the converted copy never holds all of F.
+    Already in ``dtype`` and no shift: one chunk, no copy. Otherwise chunks
+    of about CHUNK_BYTES, so that the converted copy never holds all of F.
     """
     n, d = features.shape
-    if features.dtype == dtype:
+    if features.dtype == dtype and shift is None:
         yield slice(0, n), features
         return
     step = _chunk_len(n, d, dtype)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        yield rows, features[rows].to(dtype)
+        yield rows, _shifted(features[rows], dtype, shift)
+
+
+def _shifted(rows: Tensor, dtype: torch.dtype, shift: Optional[Tensor]) -> Tensor:
+    """rows [B, D] in ``dtype`` minus ``shift`` [D].
+
+    Integer features are shifted by the integer part of the shift before
+    they are converted: int64 values near 2**62 differ in digits that
+    float64 cannot hold, but their differences it holds exactly.
+    """
+    if shift is None:
+        return rows.to(dtype)
+    if rows.is_floating_point():
+        return rows.to(dtype) - shift
+    whole = shift.round()
+    return (rows.to(torch.int64) - whole.to(torch.int64)).to(dtype) - (shift - whole)
 
 
 def column_chunks(features: Tensor, dtype: torch.dtype) -> Iterator[Tuple[slice, Tensor]]:
@@ -91,19 +108,33 @@ def column_chunks(features: Tensor, dtype: torch.dtype) -> Iterator[Tuple[slice,
 
 @dataclass
 class SufficientStatistics:
-    """Sums over samples that determine the LogME evidence.
+    """Sums over samples that determine the LogME evidence, about a shift.
 
-    gram: [D, D] F^T F; only its upper triangle is authoritative (see add_gram_).
-    cross: [C, D] row c is F^T y_c (for classification, the sum of the
-        feature rows of class c).
+    Every sum is of x = f - shift, not of the features f themselves: with a
+    shift near the mean, F^T F can be rebuilt from a centred second moment
+    and the mean, so features far from 0 compared with their spread lose no
+    digits to cancellation (see ``centred`` and ``spectrum.primal``). The
+    shift is set from the first batch and any other one is exact too
+    (``recentred_by``).
+
+    gram: [D, D] sum of x x^T; only its upper triangle is authoritative (see add_gram_).
+    feature_sum: [D] sum of x.
+    cross: [C, D] row c is sum_i y_ic x_i (for classification, the sum of
+        the shifted feature rows of class c).
+    target_sum: [C] sum of y_c (for classification, the class counts).
     target_sq: [C] y_c^T y_c (for classification, the class counts).
     num_samples: N.
+    shift: [D] what was subtracted from every feature row, or None before
+        the first batch.
     """
 
     gram: Tensor
+    feature_sum: Tensor
     cross: Tensor
+    target_sum: Tensor
     target_sq: Tensor
     num_samples: int
+    shift: Optional[Tensor] = None
 
     @classmethod
     def zeros(
@@ -112,35 +143,99 @@ class SufficientStatistics:
         kw = dict(dtype=dtype, device=device)
         return cls(
             torch.zeros(num_features, num_features, **kw),
+            torch.zeros(num_features, **kw),
             torch.zeros(num_columns, num_features, **kw),
+            torch.zeros(num_columns, **kw),
             torch.zeros(num_columns, **kw),
             0,
         )
 
     def add_(self, features: Tensor, targets: Tensor, classification: bool) -> "SufficientStatistics":
-        """Add a batch in place: features [B, D]; int64 labels [B] or targets [B, C]."""
+        """Add a batch in place: features [B, D]; int64 labels [B] or targets [B, C].
+
+        The first batch sets the shift to its own mean (a later batch's
+        shift would be as exact; one near the data is what keeps digits).
+        """
         dtype = self.gram.dtype
-        for rows, chunk in row_chunks(features, dtype):
+        if self.shift is None:
+            self.shift = features.sum(0, dtype=dtype) / max(features.shape[0], 1)
+        for rows, chunk in row_chunks(features, dtype, self.shift):
             add_gram_(self.gram, chunk)
+            self.feature_sum.add_(chunk.sum(0))
             y = targets[rows]
             if classification:
                 add_rows_(self.cross, y, chunk)
                 # index_add_ rather than bincount: bincount must read the
                 # largest label back to the host to size its output.
-                self.target_sq.index_add_(0, y, torch.ones_like(y, dtype=dtype))
+                ones = torch.ones_like(y, dtype=dtype)
+                self.target_sq.index_add_(0, y, ones)
+                self.target_sum.index_add_(0, y, ones)
             else:
                 y = y.to(dtype)
                 self.cross.addmm_(y.T, chunk)
                 self.target_sq.add_((y * y).sum(0))
+                self.target_sum.add_(y.sum(0))
         self.num_samples += features.shape[0]
         return self
+
+    def recentred_by(self, delta: Tensor) -> "SufficientStatistics":
+        """The sums of x + delta [D] instead of x, as new tensors (exact algebra, no data)."""
+        s1, n = self.feature_sum, self.num_samples
+        gram = self.gram + torch.outer(s1, delta) + torch.outer(delta, s1) + n * torch.outer(delta, delta)
+        shift = None if self.shift is None else self.shift - delta
+        return SufficientStatistics(
+            gram, s1 + n * delta, self.cross + torch.outer(self.target_sum, delta),
+            self.target_sum, self.target_sq, n, shift,
+        )
+
+    def to(self, dtype: torch.dtype) -> "SufficientStatistics":
+        """The same sums in another dtype (new tensors)."""
+        return SufficientStatistics(
+            self.gram.to(dtype), self.feature_sum.to(dtype), self.cross.to(dtype), self.target_sum.to(dtype),
+            self.target_sq.to(dtype), self.num_samples, None if self.shift is None else self.shift.to(dtype),
+        )
+
+    def mean(self) -> Tensor:
+        """Feature mean [D]."""
+        shift = self.shift if self.shift is not None else torch.zeros_like(self.feature_sum)
+        return shift + self.feature_sum / max(self.num_samples, 1)
+
+    def centred(self) -> Tuple[Tensor, Tensor]:
+        """(sum (f - mu)(f - mu)^T [D, D] symmetric, mean mu [D]), mu the feature mean.
+
+        The sums are about a shift near mu, so the rank-one correction is
+        small: the centred moment keeps every digit of the spread.
+        """
+        n = max(self.num_samples, 1)
+        s1 = self.feature_sum
+        centred = symmetric(self.gram) - torch.outer(s1, s1) / n
+        return centred, self.mean()
+
+    def raw_gram(self) -> Tensor:
+        """F^T F [D, D] of the features themselves (upper triangle exact, as ``gram``)."""
+        if self.shift is None:
+            return self.gram
+        centred, mu = self.centred()
+        return centred + self.num_samples * torch.outer(mu, mu)
+
+    def raw_cross(self) -> Tensor:
+        """[C, D]: F^T y_c of the features themselves."""
+        if self.shift is None:
+            return self.cross
+        return self.cross + torch.outer(self.target_sum, self.shift)
+
+
+def symmetric(gram: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle ``gram`` [D, D] holds (see add_gram_)."""
+    return torch.triu(gram) + torch.triu(gram, 1).T
 
 
 def compute_statistics(
     features: Tensor, targets: Tensor, num_columns: int, classification: bool, dtype: torch.dtype
 ) -> SufficientStatistics:
-    """Statistics of a whole data set: features [N, D], labels [N] or targets [N, C]."""
+    """Statistics of a whole data set about its mean: features [N, D], labels [N] or targets [N, C]."""
     stats = SufficientStatistics.zeros(
         features.shape[1], num_columns, dtype=dtype, device=features.device
     )
+    stats.shift = features.sum(0, dtype=dtype) / features.shape[0]
     return stats.add_(features, targets, classification)

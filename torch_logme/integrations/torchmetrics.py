@@ -1,9 +1,12 @@
 """LogME as a torchmetrics ``Metric`` (optional: ``pip install torch_logme[torchmetrics]``).
 
 The metric keeps the same sums as :class:`torch_logme.LogMEAccumulator`
-(F^T F [D, D], per-class sums [C, D], y^T y [C], N), registered with
-``dist_reduce_fx="sum"`` so that torchmetrics' own synchronisation adds them
-across processes, and scores them with the accumulator's compute step.
+(see ``SufficientStatistics``: sums of the features minus a shift taken
+from the first batch), and scores them with the accumulator's compute step.
+Each process may have its own shift, so the states carry a leading axis of
+one and are registered with ``dist_reduce_fx="cat"``: torchmetrics' own
+synchronisation (and ``merge_state``) stacks the processes' sums, and
+``compute`` brings them to one shift, exactly, before adding them.
 torchmetrics states have fixed shapes, so the number of classes (or of
 regression targets) must be given up front.
 """
@@ -85,25 +88,75 @@ class LogMEMetric(Metric):
         self.regression = regression
         self.reduction = reduction
         self.check_inputs = check_inputs
-        self.add_state("gram", torch.zeros(num_features, num_features, dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("cross", torch.zeros(columns, num_features, dtype=dtype), dist_reduce_fx="sum")
-        self.add_state("target_sq", torch.zeros(columns, dtype=dtype), dist_reduce_fx="sum")
-        # An integer count sums exactly across processes.
-        self.add_state("num_samples", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        dims = {
+            "gram": (num_features, num_features), "feature_sum": (num_features,),
+            "cross": (columns, num_features), "target_sum": (columns,), "target_sq": (columns,),
+            "shift": (num_features,),
+        }
+        self._dims = dict(dims, num_samples=(), has_shift=())
+        for name, shape in dims.items():
+            self.add_state(name, torch.zeros(1, *shape, dtype=dtype), dist_reduce_fx="cat")
+        # Integer counts stack exactly; has_shift marks the parts whose shift is set.
+        self.add_state("num_samples", torch.zeros(1, dtype=torch.int64), dist_reduce_fx="cat")
+        self.add_state("has_shift", torch.zeros(1, dtype=torch.bool), dist_reduce_fx="cat")
+        self._shift_set = False
+
+    def reset(self) -> None:
+        """Forget every batch (the next one sets a new shift)."""
+        super().reset()
+        self._shift_set = False
+
+    def _parts(self) -> "list[SufficientStatistics]":
+        """The statistics of each part of the states (one, or one per process after a sync)."""
+        # A synced state is [processes, 1, ...] (torchmetrics stacks, then concatenates).
+        s = {name: getattr(self, name).reshape(-1, *shape) for name, shape in self._dims.items()}
+        return [
+            SufficientStatistics(
+                s["gram"][k], s["feature_sum"][k], s["cross"][k], s["target_sum"][k], s["target_sq"][k],
+                int(s["num_samples"][k]), s["shift"][k] if bool(s["has_shift"][k]) else None,
+            )
+            for k in range(s["gram"].shape[0])
+        ]
 
     def update(self, features: Any, targets: Any) -> None:
         """Add a batch: features [B, D]; labels [B] in [0, C), or targets [B] / [B, K]."""
         inputs = self._scorer.check_batch(features, targets, self.gram.device)
         if inputs.num_columns != self.num_columns:
             raise ValueError(f"targets have {inputs.num_columns} columns, expected num_targets={self.num_columns}")
-        # The statistics object wraps the state tensors, so add_ writes into them.
-        stats = SufficientStatistics(self.gram, self.cross, self.target_sq, 0)
+        if not self._shift_set:  # a Python flag: no host read per batch
+            self.shift[0] = inputs.features.sum(0, dtype=self.gram.dtype) / inputs.num_samples
+            self.has_shift[0] = True
+            self._shift_set = True
+        # The statistics wrap the state tensors (part 0), so add_ writes into them.
+        stats = SufficientStatistics(
+            self.gram[0], self.feature_sum[0], self.cross[0], self.target_sum[0], self.target_sq[0], 0,
+            self.shift[0],
+        )
         stats.add_(inputs.features, inputs.targets, not self.regression)
         self.num_samples += inputs.num_samples
 
     def compute(self) -> Tensor:
         """LogME of every batch since the last reset: 0-dim, or [C] with reduction="none"."""
+        parts = self._parts()
+        shifted = [p.shift for p in parts if p.shift is not None]
+        total = parts[0] if not shifted else None
+        if shifted:
+            common = torch.stack(shifted).mean(0)
+            for part in parts:
+                part = part.recentred_by(part.shift - common) if part.shift is not None else part
+                total = part if total is None else _add(total, part)
+            total.shift = common
         states = {
-            "gram": self.gram, "cross": self.cross, "target_sq": self.target_sq, "num_samples": self.num_samples,
+            "gram": total.gram, "feature_sum": total.feature_sum, "cross": total.cross,
+            "target_sum": total.target_sum, "target_sq": total.target_sq,
+            "num_samples": torch.tensor(float(total.num_samples)), "shift": total.shift,
         }
         return self._scorer._compute(states, reduction=self.reduction)
+
+
+def _add(a: SufficientStatistics, b: SufficientStatistics) -> SufficientStatistics:
+    """The sums of two parts about the same shift."""
+    return SufficientStatistics(
+        a.gram + b.gram, a.feature_sum + b.feature_sum, a.cross + b.cross, a.target_sum + b.target_sum,
+        a.target_sq + b.target_sq, a.num_samples + b.num_samples, a.shift,
+    )
