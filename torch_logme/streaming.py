@@ -17,11 +17,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import spectrum as _spectrum
 from ._checks import Inputs, as_tensor, prepare
 from ._options import make_options
-from .evidence import fixed_point
-from .functional import REDUCTIONS
+from .functional import REDUCTIONS, solve_statistics
 from .statistics import SufficientStatistics
 
 Device = Union[str, torch.device, None]
@@ -38,11 +36,21 @@ class SumAccumulator:
     sizes with ``_sizes`` (which must agree across processes; a growable one
     is padded to the largest). Every state is summed, never averaged, so
     merging and all-reducing are exact.
+
+    Accumulators of features set ``_SHIFTED = True``: their sums are of
+    x = features - shift, with the shift [D] taken from the first batch
+    (``_take_shift``), so that features far from 0 compared with their
+    spread keep their digits. Two accumulators (or ranks) with different
+    shifts are brought to one shift with ``_recentre`` before their sums
+    are added; that algebra is exact, it reads no data.
     """
+
+    _SHIFTED = False
 
     def __init__(self, *, sync_on_compute: bool = True) -> None:
         self.sync_on_compute = sync_on_compute
         self._states: "OrderedDict[str, Tensor]" = OrderedDict()
+        self._shift: Optional[Tensor] = None
 
     # -- to be provided by subclasses ------------------------------------
     def _sizes(self) -> Dict[str, Tuple[int, bool]]:
@@ -58,7 +66,41 @@ class SumAccumulator:
         return {}
 
     def _compute(self, states: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
+        """The score from summed states (plus "shift" [D] or None when ``_SHIFTED``)."""
         raise NotImplementedError
+
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        """New states that are the sums of x + delta [D], given the sums of x (``_SHIFTED`` only)."""
+        raise NotImplementedError
+
+    # -- the shift -------------------------------------------------------------
+    @property
+    def shift(self) -> Optional[Tensor]:
+        """[D] what is subtracted from every batch before it is summed (None before the first batch)."""
+        return self._shift
+
+    @torch.inference_mode(False)
+    def _take_shift(self, features: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The shift, set from this batch's mean [D] when there is none yet."""
+        if self._shift is None:
+            self._shift = (features.sum(0, dtype=dtype) / features.shape[0]).to(device)
+        return self._shift
+
+    def _states_at(self, shift: Optional[Tensor]) -> "OrderedDict[str, Tensor]":
+        """The local states about ``shift`` (the current tensors when it is the same)."""
+        if not self._SHIFTED or shift is None or self._shift is None or self._shift is shift:
+            return self._states
+        if torch.equal(self._shift, shift.to(self._shift.device)):
+            return self._states
+        delta = self._shift - shift.to(self._shift.device)
+        moved = self._recentre(self._states, delta)
+        return OrderedDict((name, moved[name]) for name in self._states)
+
+    def _with_shift(self, states: Mapping[str, Tensor], shift: Optional[Tensor]) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(states)
+        if self._SHIFTED:
+            out["shift"] = shift
+        return out
 
     # -- shared mechanics ----------------------------------------------------
     def _ensure_allocated(self) -> None:
@@ -73,9 +115,10 @@ class SumAccumulator:
         return dict(self._states)
 
     def reset(self) -> None:
-        """Zero every sum, keeping sizes, device and dtype."""
+        """Zero every sum, keeping sizes, device and dtype; the next batch sets a new shift."""
         for value in self._states.values():
             value.zero_()
+        self._shift = None
 
     def _align(self, sizes: Dict[str, Tuple[int, bool]], other: str) -> None:
         for name, (mine, growable) in self._sizes().items():
@@ -97,8 +140,12 @@ class SumAccumulator:
         self._ensure_allocated()
         other._ensure_allocated()
         self._align(other._sizes(), "the other accumulator")
+        if self._shift is None and other._shift is not None:
+            # Nothing summed here yet (the first batch sets the shift): adopt theirs.
+            self._shift = other._shift.to(next(iter(self._states.values())).device).clone()
+        incoming = other._states_at(self._shift)
         for name, value in self._states.items():
-            theirs = other._states[name].to(value.device)
+            theirs = incoming[name].to(value.device)
             if theirs.shape != value.shape:  # the other one is smaller along a growable size
                 theirs = _pad_to(theirs, value.shape)
             value.add_(theirs)
@@ -108,6 +155,8 @@ class SumAccumulator:
         """Copies of the sums plus the settings, for checkpoints."""
         self._ensure_allocated()
         out: Dict[str, Any] = {name: value.detach().clone() for name, value in self._states.items()}
+        if self._SHIFTED:
+            out["shift"] = None if self._shift is None else self._shift.detach().clone()
         out["config"] = self._config()
         out["sizes"] = {name: size for name, (size, _) in self._sizes().items()}
         return out
@@ -126,9 +175,13 @@ class SumAccumulator:
             if saved.shape != value.shape:
                 raise ValueError(f"state_dict {name!r} has shape {tuple(saved.shape)}, expected {tuple(value.shape)}")
             value.copy_(saved)
+        if self._SHIFTED:
+            saved_shift = state.get("shift")
+            device = next(iter(self._states.values())).device
+            self._shift = None if saved_shift is None else torch.as_tensor(saved_shift).to(device).clone()
 
-    def _reduced_states(self, group: Any = None) -> "OrderedDict[str, Tensor]":
-        """The sums over every rank of ``group``, as new tensors (local state untouched)."""
+    def _reduced_states(self, group: Any = None) -> "Tuple[OrderedDict[str, Tensor], Optional[Tensor]]":
+        """(The sums over every rank of ``group`` as new tensors, their common shift); local state untouched."""
         dist = torch.distributed
         self._ensure_allocated()
         names = list(self._sizes())
@@ -146,15 +199,32 @@ class SumAccumulator:
                         "every rank must score the same features and targets"
                     )
             self._align({n: (h, True) for n, h in zip(names, high)}, "another rank")
-        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in self._states.values()])
+        shift = self._common_shift(group, device) if self._SHIFTED else None
+        local = self._states_at(shift)
+        flat = torch.cat([v.reshape(-1).to(torch.float64) for v in local.values()])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         out: "OrderedDict[str, Tensor]" = OrderedDict()
         offset = 0
-        for name, value in self._states.items():
+        for name, value in local.items():
             n = value.numel()
             out[name] = flat[offset: offset + n].view(value.shape).to(value.dtype)
             offset += n
-        return out
+        return out, shift
+
+    def _common_shift(self, group: Any, device: torch.device) -> Optional[Tensor]:
+        """The mean of the ranks' shifts (ranks without one do not count), or None on every rank."""
+        dist = torch.distributed
+        size = self._sizes()["num_features"][0]
+        dtype = next(iter(self._states.values())).dtype
+        mine = torch.zeros(size + 1, dtype=torch.float64, device=device)
+        if self._shift is not None:
+            mine[:size] = self._shift.to(torch.float64)
+            mine[size] = 1
+        dist.all_reduce(mine, op=dist.ReduceOp.SUM, group=group)
+        count = float(mine[size].item())
+        if count == 0:
+            return None
+        return (mine[:size] / count).to(dtype)
 
     def sync(self, group: Any = None) -> "SumAccumulator":
         """Replace the local sums with their sum over ``group`` (all ranks must call it).
@@ -164,15 +234,27 @@ class SumAccumulator:
         """
         if not _distributed_ready():
             raise RuntimeError("sync() needs an initialised torch.distributed process group")
-        for name, value in self._reduced_states(group).items():
+        reduced, shift = self._reduced_states(group)
+        for name, value in reduced.items():
             self._states[name].copy_(value)
+        if shift is not None:
+            self._shift = shift
         return self
 
     def compute(self, **kwargs: Any) -> Tensor:
         """The score of everything seen so far (on every rank, when distributed)."""
         if self.sync_on_compute and _distributed_ready():
-            return self._compute(self._reduced_states(), **kwargs)
-        return self._compute(self._states, **kwargs)
+            reduced, shift = self._reduced_states()
+            return self._compute(self._with_shift(reduced, shift), **kwargs)
+        return self._compute(self._with_shift(self._states, self._shift), **kwargs)
+
+
+def _as_statistics(states: Mapping[str, Tensor], shift: Optional[Tensor]) -> SufficientStatistics:
+    """A SufficientStatistics view of LogME's summed states (no copies)."""
+    return SufficientStatistics(
+        states["gram"], states["feature_sum"], states["cross"], states["target_sum"], states["target_sq"],
+        int(round(float(states["num_samples"].item()))), shift,
+    )
 
 
 def _pad_to(value: Tensor, shape: torch.Size) -> Tensor:
@@ -184,8 +266,10 @@ def _pad_to(value: Tensor, shape: torch.Size) -> Tensor:
 class LogMEAccumulator(SumAccumulator):
     """Streaming LogME: ``update`` per batch, ``compute`` the score of all batches.
 
-    Keeps the sufficient statistics F^T F [D, D], per-class sums [C, D],
-    y^T y [C] and N: O(D^2 + D C) numbers, never the features.
+    Keeps the sufficient statistics (see ``SufficientStatistics``: the
+    second moment [D, D], feature sum [D], per-class sums [C, D], target
+    sums and y^T y [C], N) of the features minus a shift taken from the
+    first batch: O(D^2 + D C) numbers, never the features.
     ``compute()`` equals ``logme`` on the concatenated batches.
 
     Args:
@@ -258,6 +342,8 @@ class LogMEAccumulator(SumAccumulator):
         )
         self._link_states()
 
+    _SHIFTED = True
+
     @torch.inference_mode(False)
     def _link_states(self) -> None:
         stats = self._stats
@@ -265,8 +351,13 @@ class LogMEAccumulator(SumAccumulator):
         if count is None or count.device != stats.gram.device:
             self._count = torch.zeros((), dtype=torch.float64, device=stats.gram.device)
         self._states = OrderedDict(
-            gram=stats.gram, cross=stats.cross, target_sq=stats.target_sq, num_samples=self._count
+            gram=stats.gram, feature_sum=stats.feature_sum, cross=stats.cross,
+            target_sum=stats.target_sum, target_sq=stats.target_sq, num_samples=self._count,
         )
+
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        moved = _as_statistics(states, None).recentred_by(delta)
+        return dict(states, gram=moved.gram, feature_sum=moved.feature_sum, cross=moved.cross)
 
     @property
     def num_columns(self) -> int:
@@ -284,6 +375,7 @@ class LogMEAccumulator(SumAccumulator):
             return
         extra = size - stats.cross.shape[0]
         stats.cross = torch.cat([stats.cross, stats.cross.new_zeros(extra, self.num_features)])
+        stats.target_sum = torch.cat([stats.target_sum, stats.target_sum.new_zeros(extra)])
         stats.target_sq = torch.cat([stats.target_sq, stats.target_sq.new_zeros(extra)])
         self._link_states()
 
@@ -334,7 +426,9 @@ class LogMEAccumulator(SumAccumulator):
             if inputs.num_columns > self.num_columns:
                 self._grow("num_columns", inputs.num_columns)
         with torch.no_grad():
-            self._stats.add_(inputs.features, inputs.targets, not self.regression)
+            stats = self._stats
+            stats.shift = self._take_shift(inputs.features, self.options.dtype, stats.gram.device)
+            stats.add_(inputs.features, inputs.targets, not self.regression)
             self._count += inputs.num_samples
 
     def _compute(self, states: Mapping[str, Tensor], reduction: str = "mean") -> Tensor:
@@ -345,17 +439,14 @@ class LogMEAccumulator(SumAccumulator):
             raise ValueError(f"LogME needs at least 2 samples, got N = {n}; call update() first")
         if states["cross"].shape[0] == 0:
             raise ValueError("no class or target columns seen yet")
-        stats = SufficientStatistics(states["gram"], states["cross"], states["target_sq"], n)
-        if not bool(stats.gram.diagonal().gt(0).any()):
-            raise ValueError("features are all zero (rank 0); expected at least one non-zero value")
+        stats = _as_statistics(states, states.get("shift"))
         with torch.no_grad():
-            spec = _spectrum.primal(stats, with_basis=False)
-            result = fixed_point(
-                spec.eigenvalues, spec.proj_sq, spec.target_sq, n, self.num_features, self.options
-            )
+            if not bool(stats.raw_gram().diagonal().gt(0).any()):
+                raise ValueError("features are all zero (rank 0); expected at least one non-zero value")
+            evidence = solve_statistics(stats, self.options)
         if reduction == "none":
-            return result.evidence
-        return result.evidence.mean() if reduction == "mean" else result.evidence.sum()
+            return evidence
+        return evidence.mean() if reduction == "mean" else evidence.sum()
 
     def compute(self, reduction: str = "mean") -> Tensor:  # type: ignore[override]
         """LogME of every batch so far: 0-dim ("mean", "sum") or [C] ("none")."""
