@@ -1,6 +1,6 @@
 // The LogME fixed point of one column, shared by the CPU and CUDA kernels.
 //
-// These are the formulas of torch_logme/evidence.py (DESIGN §2), written once
+// These are the formulas of torch_logme/evidence.py (docs/design.md), written once
 // for both devices so the two kernels cannot drift apart. The kernels only
 // differ in how they sum over the k eigenvalues (SIMD lanes on the CPU, a
 // thread block on the GPU); everything per column and per step lives here.
@@ -33,15 +33,19 @@ LOGME_HOST_DEVICE double logme_log(double x) { return log(x); }
 LOGME_HOST_DEVICE float logme_abs(float x) { return fabsf(x); }
 LOGME_HOST_DEVICE double logme_abs(double x) { return fabs(x); }
 
-// The three sums over the k eigen-directions that one step needs, for
+// The five sums over the k eigen-directions that one step needs, for
 // t = alpha / beta and r_i = 1 / (t + lam_i):
 //   lam_r   = sum lam_i r_i                 (gamma)
+//   r       = sum r_i over lam_i > 0
+//   pos     = the number of lam_i > 0       (N - gamma = N - pos + t r)
 //   x_r2    = sum x_i r_i^2
 //   x_r2lam = sum x_i r_i^2 lam_i
 // where x is z^2 (primal form) or p^2 = z^2 / lam (whitened form).
 template <typename acc_t>
 struct StepSums {
   acc_t lam_r;
+  acc_t r;
+  acc_t pos;
   acc_t x_r2;
   acc_t x_r2lam;
 };
@@ -50,9 +54,15 @@ struct StepSums {
 // multiplies (r, then r * r, then times x). The sums are passed one by one
 // so that a kernel may keep them in separate arrays (vector lanes).
 template <typename acc_t>
-LOGME_HOST_DEVICE void add_direction(acc_t& lam_r, acc_t& x_r2, acc_t& x_r2lam, acc_t lam, acc_t x, acc_t t) {
+LOGME_HOST_DEVICE void add_direction(
+    acc_t& lam_r, acc_t& r_sum, acc_t& pos, acc_t& x_r2, acc_t& x_r2lam, acc_t lam, acc_t x, acc_t t) {
   const acc_t r = acc_t(1) / (t + lam);
   lam_r += lam * r;
+  // A zero eigenvalue adds nothing to gamma: leaving it out of N - gamma keeps
+  // (N - pos) + t sum r free of cancellation.
+  const bool positive = lam > acc_t(0);
+  r_sum += positive ? r : acc_t(0);
+  pos += positive ? acc_t(1) : acc_t(0);
   const acc_t q = r * r * x;
   x_r2 += q;
   x_r2lam += q * lam;
@@ -60,7 +70,7 @@ LOGME_HOST_DEVICE void add_direction(acc_t& lam_r, acc_t& x_r2, acc_t& x_r2lam, 
 
 template <typename acc_t>
 LOGME_HOST_DEVICE void add_direction(StepSums<acc_t>& s, acc_t lam, acc_t x, acc_t t) {
-  add_direction(s.lam_r, s.x_r2, s.x_r2lam, lam, x, t);
+  add_direction(s.lam_r, s.r, s.pos, s.x_r2, s.x_r2lam, lam, x, t);
 }
 
 // Per-column inputs and settings that stay fixed across steps.
@@ -113,7 +123,8 @@ LOGME_HOST_DEVICE bool apply_step(
     res2 = res2 < acc_t(0) ? acc_t(0) : res2;
   }
   const acc_t alpha = s.lam_r / (m2 + acc_t(kEpsilon));
-  const acc_t beta = (p.num_samples - s.lam_r) / (res2 + acc_t(kEpsilon));
+  // N - gamma as (N - pos) + t sum r: no cancellation when t << lam (N <= D at a large scale).
+  const acc_t beta = (p.num_samples - s.pos + t * s.r) / (res2 + acc_t(kEpsilon));
   const acc_t change = logme_abs(alpha / beta - t) / t;
   state.alpha = alpha;
   state.beta = beta;

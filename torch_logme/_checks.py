@@ -23,12 +23,14 @@ class Inputs:
     features: [N, D], the caller's tensor (same dtype) or a device copy of it.
     targets: int64 labels [N] (classification) or floating targets [N, C].
     num_columns: C, the number of LogME columns (classes or targets).
+    magnitude: max |features|, when the values were checked (else None).
     """
 
     features: Tensor
     targets: Tensor
     num_columns: int
     classification: bool
+    magnitude: Optional[float] = None
 
     @property
     def num_samples(self) -> int:
@@ -139,20 +141,21 @@ def prepare(
         f = f.to(device)
     y = y.to(f.device)
     if regression:
+        magnitude = None
         if check_values:
-            _check_values(f, y, regression, num_classes, require_nonzero=not batch)
-        return Inputs(f, y, y.shape[1], False)
+            _, magnitude = _check_values(f, y, regression, num_classes, require_nonzero=not batch)
+        return Inputs(f, y, y.shape[1], False, magnitude)
     if check_values or num_classes is None:
-        num_columns = _check_values(f, y, regression, num_classes, require_nonzero=not batch)
+        num_columns, magnitude = _check_values(f, y, regression, num_classes, require_nonzero=not batch)
     else:
-        num_columns = num_classes
-    return Inputs(f, y.to(torch.int64), num_columns, True)
+        num_columns, magnitude = num_classes, None
+    return Inputs(f, y.to(torch.int64), num_columns, True, magnitude)
 
 
 def _check_values(
     f: Tensor, y: Tensor, regression: bool, num_classes: Optional[int], require_nonzero: bool
-) -> int:
-    """Check values in one host read; return the number of columns for labels."""
+) -> "tuple[int, float]":
+    """Check values in one host read; return (the number of columns, max |f|)."""
     # A few reductions, stacked and read back in a single transfer. One
     # aminmax pass answers both "finite?" (NaN and Inf reach the min or max)
     # and "all zero?": an order of magnitude cheaper than isfinite(f).all().
@@ -164,9 +167,11 @@ def _check_values(
         if not regression:
             flags.append((y == y.round()).all())
     values = [x.to(torch.float64) for x in flags]
+    values.append(torch.maximum(low_f.abs(), high_f.abs()).to(torch.float64))
     if not regression:
         values += [v.to(torch.float64) for v in torch.aminmax(y)]
     read = torch.stack(values).tolist()
+    magnitude = read[len(flags)]
 
     if not read[0]:
         raise ValueError("features contain NaN or Inf; expected finite values")
@@ -176,17 +181,17 @@ def _check_values(
         kind = "regression targets" if regression else "class labels"
         raise ValueError(f"{kind} contain NaN or Inf")
     if regression:
-        return y.shape[1]
+        return y.shape[1], magnitude
     if y.is_floating_point() and not read[3]:
         raise ValueError("class labels must be integers (0, 1, 2, ...); got non-integer values")
     low, high = read[-2], read[-1]
     if low < 0:
         raise ValueError(f"class labels must be non-negative integers, got minimum {int(low)}")
     if num_classes is None:
-        return int(high) + 1
+        return int(high) + 1, magnitude
     if high >= num_classes:
         raise ValueError(f"class label {int(high)} is out of range for num_classes={num_classes}")
-    return num_classes
+    return num_classes, magnitude
 
 
 # -- inputs of the scores that take no features (torch_logme.scores) ------------

@@ -12,10 +12,11 @@ from typing import Optional, Union
 import torch
 
 METHODS = ("fixed_point", "icml")
+ABSENT_CLASSES = ("count", "skip")
 SOLVERS = ("eigh", "svd")
 DTYPES = (torch.float32, torch.float64)
 
-# The published stopping tolerances (DESIGN §2): relative change of alpha/beta.
+# The published stopping tolerances: relative change of alpha/beta.
 DEFAULT_TOL = {"fixed_point": 1e-3, "icml": 1e-2}
 
 
@@ -32,6 +33,9 @@ class ScoreOptions:
     solver: "eigh" (of the Gram matrix, or of F F^T when N <= D) or "svd" (of F).
     legacy_evidence: reproduce the published fixed-point code's log-determinant,
         which sums over only rank(F) eigenvalues (wrong when N < D).
+    absent_classes: "count" (as published: a label id below the largest
+        that never occurs is still a class, with a high evidence) or "skip"
+        (score only the classes present).
     """
 
     dtype: torch.dtype = torch.float64
@@ -41,6 +45,7 @@ class ScoreOptions:
     method: str = "fixed_point"
     solver: str = "eigh"
     legacy_evidence: bool = False
+    absent_classes: str = "count"
 
 
 def make_options(
@@ -52,6 +57,7 @@ def make_options(
     method: str = "fixed_point",
     solver: str = "eigh",
     legacy_evidence: bool = False,
+    absent_classes: str = "count",
 ) -> ScoreOptions:
     """Check every option and return them as one ScoreOptions.
 
@@ -70,6 +76,8 @@ def make_options(
         tol = DEFAULT_TOL[method]
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0 or tol != tol:
         raise ValueError(f"tol must be a positive float, got {tol!r}")
+    if absent_classes not in ABSENT_CLASSES:
+        raise ValueError(f"absent_classes must be one of {ABSENT_CLASSES}, got {absent_classes!r}")
     if not isinstance(legacy_evidence, bool):
         raise TypeError(f"legacy_evidence must be a bool, got {type(legacy_evidence).__name__}")
     if device is not None:
@@ -77,4 +85,4 @@ def make_options(
             device = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"device must name a torch device, got {device!r}") from err
-    return ScoreOptions(dtype, device, max_iter, float(tol), method, solver, legacy_evidence)
+    return ScoreOptions(dtype, device, max_iter, float(tol), method, solver, legacy_evidence, absent_classes)

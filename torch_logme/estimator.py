@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._checks import as_tensor, prepare
 from ._options import make_options
-from .functional import solve
+from .functional import reduce_columns, solve
 
 
 class LogME:
@@ -36,6 +36,11 @@ class LogME:
             whose log-determinant sums over only rank(F) eigenvalues (wrong
             when N < D; the ICML code is already correct, so it has no effect
             there).
+        absent_classes: "count" (default, as published, with a warning) or
+            "skip": what a label id below the largest that never occurs
+            does to the score. With "skip" ``fit`` averages the classes
+            present; the per-class attributes still have every id, so
+            ``predict`` keeps its class ids.
 
     Attributes after ``fit`` (tensors on the compute device):
         alphas, betas, evidences: [C]; ms: [C, D] posterior means; num_dim: C.
@@ -52,13 +57,14 @@ class LogME:
         method: str = "fixed_point",
         solver: str = "eigh",
         legacy_evidence: bool = False,
+        absent_classes: str = "count",
     ) -> None:
         if not isinstance(regression, bool):
             raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
         self.regression = regression
         self.options = make_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
-            solver=solver, legacy_evidence=legacy_evidence,
+            solver=solver, legacy_evidence=legacy_evidence, absent_classes=absent_classes,
         )
         self.fitted = False
         self.reset()
@@ -84,10 +90,12 @@ class LogME:
             self.fitted = True
         with torch.no_grad():
             spec, result = solve(inputs, self.options, with_basis=True)
-            self.ms = spec.posterior_means(result.t)
+            # In float32 mode a fallback to float64 keeps a float64 spectrum: means in the asked dtype.
+            self.ms = spec.posterior_means(result.t.to(spec.eigenvalues.dtype)).to(self.options.dtype)
+            score = reduce_columns(result.evidence, spec.target_sq, inputs.classification, self.options, "mean")
         self.num_dim = inputs.num_columns
         self.alphas, self.betas, self.evidences = result.alpha, result.beta, result.evidence
-        return float(self.evidences.mean())
+        return float(score)
 
     def predict(self, f: Any) -> Union[Tensor, np.ndarray]:
         """Class ids [M] (classification) or values [M, C] (regression) for f [M, D].

@@ -35,6 +35,8 @@ EPSILON = 1e-5
 _PUBLISHED_RANK_CUTOFF = 1e-10
 # The dtypes the compiled op has kernels for.
 _COMPILED_DTYPES = (torch.float32, torch.float64)
+# Largest eigenvalues the compiled op gets (its steps are unscaled; see _within_compiled_range).
+_COMPILED_RANGE = (2.0**-100, 2.0**100)
 
 
 @dataclass
@@ -109,9 +111,23 @@ def fixed_point(
     """
     args = (eigenvalues, proj_sq, target_sq, num_samples, num_features, options, whitened_sq, outside_sq,
             raw_eigenvalues)
-    if eigenvalues.dtype in _COMPILED_DTYPES and _extension.extension_available(eigenvalues.device):
+    if (
+        eigenvalues.dtype in _COMPILED_DTYPES
+        and _extension.extension_available(eigenvalues.device)
+        and _within_compiled_range(eigenvalues)
+    ):
         return _fixed_point_compiled(*args)
     return _fixed_point_torch(*args)
+
+
+def _within_compiled_range(eigenvalues: Tensor) -> bool:
+    """Whether the largest eigenvalue is where the compiled op's unscaled steps cannot overflow.
+
+    (t + lam)^2 overflows float64 near lam = 1e154; the op takes no scale,
+    so spectra far from 1 run in the pure-torch loop, which rescales exactly.
+    """
+    top = float(eigenvalues.amax()) if eigenvalues.numel() else 0.0
+    return top == 0.0 or _COMPILED_RANGE[0] <= top <= _COMPILED_RANGE[1]
 
 
 def _fixed_point_compiled(
@@ -148,12 +164,26 @@ def _fixed_point_torch(
     outside_sq: Optional[Tensor],
     raw_eigenvalues: Optional[Tensor] = None,
 ) -> FixedPointResult:
-    """``fixed_point`` in plain torch ops: about ten small kernels per step."""
-    lam = eigenvalues
+    """``fixed_point`` in plain torch ops: about ten small kernels per step.
+
+    It runs on the spectrum divided by a power of two s near its largest
+    eigenvalue, which is exact in floating point: with lam~ = lam / s and
+    alpha~ = alpha / s every step is the published one scaled by s, except
+    that its epsilon on ||m||^2 becomes epsilon * s. So eigenvalues near
+    the ends of the dtype's range (features of magnitude 1e100 or 1e-100)
+    give the published numbers instead of overflowing in (t + lam)^2.
+    """
+    scale = _power_of_two_near_max(eigenvalues)
+    lam = eigenvalues / scale
+    if whitened_sq is None:
+        proj_sq = proj_sq / scale
     n = float(num_samples)
     num_columns = proj_sq.shape[0]
     like = dict(dtype=lam.dtype, device=lam.device)
-    alpha = torch.ones(num_columns, **like)
+    positive = lam > 0
+    # A zero eigenvalue adds nothing to gamma: N - gamma = (N - #positive) + t sum_{lam > 0} r.
+    free_dims = n - positive.sum().to(lam.dtype)
+    alpha = torch.ones(num_columns, **like) / scale
     beta = torch.ones(num_columns, **like)
     t_used = torch.ones(num_columns, **like)
     m2 = torch.zeros(num_columns, **like)
@@ -167,6 +197,9 @@ def _fixed_point_torch(
         t = alpha / beta
         r = torch.reciprocal(t.unsqueeze(1) + lam)  # [C, k] 1 / (t + lam)
         gamma = r @ lam
+        # No cancellation when t << lam (N <= D at a large scale), unlike n - gamma.
+        free = free_dims + t * (r @ positive.to(lam.dtype))
+        fit = (t.unsqueeze(1) * r).square_()  # (t / (t + lam))^2: in [0, 1], never underflows to 0 wrongly
         r.mul_(r)  # 1 / (t + lam)^2, in place: [C, k] is the largest temporary
         if whitened_sq is None:
             q = r.mul_(proj_sq)
@@ -179,9 +212,9 @@ def _fixed_point_torch(
             # ||y - F m||^2 = outside + t^2 sum p^2 / (t + lam)^2.
             q = r.mul_(whitened_sq)
             m2_new = q @ lam
-            res2_new = outside_sq + t * t * q.sum(1)
-        alpha_new = gamma / (m2_new + EPSILON)
-        beta_new = (n - gamma) / (res2_new + EPSILON)
+            res2_new = outside_sq + (fit.mul_(whitened_sq)).sum(1)
+        alpha_new = gamma / (m2_new + EPSILON * scale)
+        beta_new = free / (res2_new + EPSILON)
         change = (alpha_new / beta_new - t).abs() / t
         stop = change < options.tol if strict else change <= options.tol
 
@@ -196,13 +229,17 @@ def _fixed_point_torch(
             break
 
     if strict:  # the ICML code adds epsilon inside the evidence too
-        m2 = m2 + EPSILON
+        m2 = m2 + EPSILON * scale
         res2 = res2 + EPSILON
     legacy = options.legacy_evidence and not strict  # the ICML code was already correct
-    weights, zeros = _logdet_weights(lam, num_samples, num_features, legacy, raw_eigenvalues)
+    raw = eigenvalues if raw_eigenvalues is None else raw_eigenvalues
+    weights, zeros = _logdet_weights(lam, num_samples, num_features, legacy, raw)
     log_terms = torch.log(alpha.unsqueeze(1) + beta.unsqueeze(1) * lam)
     logdet = (log_terms if weights is None else log_terms * weights).sum(1)
     logdet = logdet + zeros * torch.log(alpha)
+    # log s from log(alpha) and each log(alpha + beta lam): it cancels unless the legacy log-det drops terms.
+    counted = lam.shape[0] if weights is None else weights.sum()
+    unscaled = 0.5 * (num_features - counted - zeros) * torch.log(scale)
     evidence = (
         0.5 * num_features * torch.log(alpha)
         + 0.5 * n * torch.log(beta)
@@ -210,8 +247,17 @@ def _fixed_point_torch(
         - 0.5 * beta * res2
         - 0.5 * alpha * m2
         - 0.5 * n * math.log(2 * math.pi)
+        + unscaled
     ) / n
-    return FixedPointResult(alpha, beta, t_used, evidence, steps)
+    return FixedPointResult(alpha * scale, beta, t_used * scale, evidence, steps)
+
+
+def _power_of_two_near_max(values: Tensor) -> Tensor:
+    """0-dim: 2^e with values.max() in [2^(e-1), 2^e), or 1 when the max is not positive (no host read)."""
+    top = values.amax()
+    _, exponent = torch.frexp(top)
+    scale = torch.ldexp(torch.ones_like(top), exponent)
+    return torch.where(top > 0, scale, torch.ones_like(top))
 
 
 def roundoff_error(spec: "Spectrum", result: FixedPointResult) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,26 +33,39 @@ def _fixed_point(spec: _spectrum.Spectrum, options: ScoreOptions) -> FixedPointR
     )
 
 
-def _trusted(spec: _spectrum.Spectrum, result: FixedPointResult, rtol: float) -> bool:
-    """Whether every column's evidence is finite and within ``rtol`` of exact, by the round-off bound."""
+def _attempt(
+    decompose: Callable[[], _spectrum.Spectrum], options: ScoreOptions, rtol: Optional[float]
+) -> Tuple[Optional[_spectrum.Spectrum], Optional[FixedPointResult], bool]:
+    """(spectrum, result, trusted) of one route; a decomposition that fails to converge is untrusted.
+
+    ``rtol=None`` takes the result whatever its bound (the last route).
+    """
+    try:
+        spec = decompose()
+    except torch.linalg.LinAlgError:  # non-finite or pathological sums: let the next route try
+        return None, None, False
+    result = _fixed_point(spec, options)
+    if rtol is None:
+        return spec, result, True
     error = roundoff_error(spec, result)
     ok = torch.isfinite(result.evidence) & (error <= rtol * result.evidence.abs())
-    return bool(ok.all())
+    return spec, result, bool(ok.all())
 
 
-def _finite(result: FixedPointResult) -> FixedPointResult:
-    if not bool(torch.isfinite(result.evidence).all()):
+def _finite(spec: Optional[_spectrum.Spectrum], result: Optional[FixedPointResult], magnitude: str):
+    if result is None or not bool(torch.isfinite(result.evidence).all()):
         raise ValueError(
-            "LogME is not finite for these features: their scale is outside what float64 sums can "
-            "hold (about 1e-100 to 1e100 in magnitude); rescale the features"
+            f"LogME has no finite value for these features{magnitude}: their sums leave the range "
+            "that float64 holds; divide the features by a constant (LogME ranks them nearly alike)"
         )
-    return result
+    return spec, result
 
 
-def _in_float64(options: ScoreOptions, reason: str) -> ScoreOptions:
+def _in_float64(options: ScoreOptions) -> ScoreOptions:
     warnings.warn(
-        f"float32 cannot resolve these features ({reason}): LogME is recomputed in float64. "
-        "Pass dtype=torch.float64 to skip the float32 attempt.",
+        "float32 cannot resolve these features (offset, badly scaled or ill-conditioned: the round-off "
+        "bound of the float32 result is past 1e-4): LogME is recomputed in float64. Pass "
+        "dtype=torch.float64 to skip the float32 attempt.",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -65,6 +78,21 @@ def _cast(result: FixedPointResult, dtype: torch.dtype) -> FixedPointResult:
     )
 
 
+def _magnitude(inputs: Inputs) -> str:
+    return "" if inputs.magnitude is None else f" (largest magnitude {inputs.magnitude:.3g})"
+
+
+def check_magnitude(inputs: Inputs) -> None:
+    """Raise ValueError when the features are too large or too small for float64 sums (before any work)."""
+    m = inputs.magnitude
+    if m is not None and m > 0 and not MAGNITUDES[0] <= m <= MAGNITUDES[1]:
+        raise ValueError(
+            f"features have largest magnitude {m:.3g}, outside the {MAGNITUDES[0]:g} to {MAGNITUDES[1]:g} "
+            "that LogME's float64 sums of squares can hold; divide them by a constant first "
+            "(LogME ranks rescaled features nearly alike)"
+        )
+
+
 def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_spectrum.Spectrum, FixedPointResult]:
     """Run every stage on validated inputs; ``with_basis`` keeps what posterior means need.
 
@@ -72,32 +100,36 @@ def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_
     F F^T when N <= D) is returned when the round-off bound says it is
     exact to ``RTOL``; otherwise the precise one runs (the factored SVD of
     ``spectrum.precise``, or the SVD of F when N <= D). In float32 a result
-    past its bound is recomputed in float64, with a warning.
+    past its bound is recomputed in float64, with a warning. The result is
+    finite, or this raises ValueError.
     """
+    check_magnitude(inputs)
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     cls = inputs.classification
     n, d = inputs.num_samples, inputs.num_features
-    stats = None
+    dtype = options.dtype
+
+    def by_svd() -> _spectrum.Spectrum:
+        return _spectrum.svd(f, y, c, cls, dtype, with_basis=with_basis)
+
+    stats: Optional[SufficientStatistics] = None
     if options.solver == "svd":
-        spec = _spectrum.svd(f, y, c, cls, options.dtype, with_basis=with_basis)
+        fast, precise = by_svd, None
     elif n <= d:
-        spec = _spectrum.dual(f, y, c, cls, options.dtype, with_basis=with_basis)
+        fast, precise = (lambda: _spectrum.dual(f, y, c, cls, dtype, with_basis=with_basis)), by_svd
     else:
-        stats = compute_statistics(f, y, c, cls, options.dtype)
-        spec = _spectrum.primal(stats, with_basis=with_basis)
-    result = _fixed_point(spec, options)
-    if _trusted(spec, result, RTOL[options.dtype]):
+        stats = compute_statistics(f, y, c, cls, dtype)
+        fast = lambda: _spectrum.primal(stats, with_basis=with_basis)  # noqa: E731
+        precise = lambda: _spectrum.precise(stats, with_basis=with_basis)  # noqa: E731
+    spec, result, trusted = _attempt(fast, options, RTOL[dtype])
+    if trusted:
         return spec, result
-    if options.dtype != torch.float64:
-        spec, result = solve(inputs, _in_float64(options, "its round-off bound is past 1e-4"), with_basis=with_basis)
-        return spec, _cast(result, options.dtype)
-    if options.solver == "svd":
-        return spec, _finite(result)
-    if stats is None:
-        spec = _spectrum.svd(f, y, c, cls, options.dtype, with_basis=with_basis)
-    else:
-        spec = _spectrum.precise(stats, with_basis=with_basis)
-    return spec, _finite(_fixed_point(spec, options))
+    if dtype != torch.float64:
+        spec, result = solve(inputs, _in_float64(options), with_basis=with_basis)
+        return spec, _cast(result, dtype)
+    if precise is not None:
+        spec, result, _ = _attempt(precise, options, None)
+    return _finite(spec, result, _magnitude(inputs))
 
 
 def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tensor:
@@ -107,24 +139,31 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
     the precise route runs on them in float64, and when even that cannot be
     trusted to float32's bound, the error says to accumulate in float64.
     """
-    spec = _spectrum.primal(stats, with_basis=False)
-    result = _fixed_point(spec, options)
-    if _trusted(spec, result, RTOL[options.dtype]):
+    spec, result, trusted = _attempt(lambda: _spectrum.primal(stats, with_basis=False), options, RTOL[options.dtype])
+    if trusted:
         return result.evidence
     if options.dtype == torch.float64:
-        return _finite(_fixed_point(_spectrum.precise(stats, with_basis=False), options)).evidence
-    wide = replace(options, dtype=torch.float64)
-    spec = _spectrum.precise(stats.to(torch.float64), with_basis=False)
-    # The sums themselves carry float32 round-off: the spectrum is no better than that.
-    floor = torch.finfo(options.dtype).eps * spec.eigenvalues.amax()
-    spec = replace(spec, noise=torch.maximum(spec.noise, floor))
-    result = _fixed_point(spec, wide)
-    if not _trusted(spec, result, RTOL[options.dtype]):
+        _, result = _finite(*_attempt(lambda: _spectrum.precise(stats, with_basis=False), options, None)[:2], "")
+        return result.evidence
+
+    def widened() -> _spectrum.Spectrum:
+        wide = _spectrum.precise(stats.to(torch.float64), with_basis=False)
+        # The sums themselves carry float32 round-off: the spectrum is no better than that.
+        floor = torch.finfo(options.dtype).eps * wide.eigenvalues.amax()
+        return replace(wide, noise=torch.maximum(wide.noise, floor))
+
+    _, result, trusted = _attempt(widened, replace(options, dtype=torch.float64), RTOL[options.dtype])
+    if not trusted:
         raise ValueError(
             "the float32 sums of this accumulator cannot resolve these features (offset, badly scaled "
             "or ill-conditioned): accumulate with dtype=torch.float64"
         )
     return result.evidence.to(options.dtype)
+
+
+#: Largest magnitudes of features that LogME scores: beyond them F^T F or its
+#: eigenvalues leave float64's range.
+MAGNITUDES = (1e-150, 1e150)
 
 
 def logme(
@@ -141,6 +180,7 @@ def logme(
     method: str = "fixed_point",
     solver: str = "eigh",
     legacy_evidence: bool = False,
+    absent_classes: str = "count",
 ) -> Tensor:
     """LogME score of features for a labelled task (You et al., ICML 2021 / JMLR 2022).
 
@@ -153,8 +193,8 @@ def logme(
             count as classes).
         reduction: "mean" (the LogME score, 0-dim), "sum", or "none" ([C], one
             score per class or target column).
-        dtype, device, max_iter, tol, method, solver, legacy_evidence: see
-            :class:`torch_logme.LogME`.
+        dtype, device, max_iter, tol, method, solver, legacy_evidence,
+            absent_classes: see :class:`torch_logme.LogME`.
 
     Returns:
         A tensor on the compute device in ``dtype``: the log evidence per
@@ -164,13 +204,44 @@ def logme(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     options = make_options(
         dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
-        solver=solver, legacy_evidence=legacy_evidence,
+        solver=solver, legacy_evidence=legacy_evidence, absent_classes=absent_classes,
     )
     inputs = prepare(
         features, targets, regression=regression, num_classes=num_classes, device=options.device
     )
     with torch.no_grad():
-        _, result = solve(inputs, options, with_basis=False)
+        spec, result = solve(inputs, options, with_basis=False)
+    return reduce_columns(result.evidence, spec.target_sq, inputs.classification, options, reduction)
+
+
+def reduce_columns(
+    evidence: Tensor, counts: Tensor, classification: bool, options: ScoreOptions, reduction: str
+) -> Tensor:
+    """The score from per-column evidence [C], given the class counts [C] (classification).
+
+    A label id below the largest that never occurs is a class with no
+    samples: the published code scores it (a column of zeros fits any
+    features, so its evidence is high and lifts the mean). That stays the
+    default, with a warning; ``absent_classes="skip"`` leaves such columns
+    out ("none" then returns the present classes only).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if classification:
+        absent = counts == 0
+        if bool(absent.any()):
+            ids = absent.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+            if options.absent_classes == "skip":
+                evidence = evidence[~absent]
+            else:
+                warnings.warn(
+                    f"class ids {shown} never occur in the labels ({len(ids)} of {counts.numel()}); each still "
+                    "counts as a class, as in the published code, and raises the mean score. Pass "
+                    "absent_classes='skip' to score only the classes present, or relabel 0..C-1.",
+                    UserWarning,
+                    stacklevel=3,
+                )
     if reduction == "none":
-        return result.evidence
-    return result.evidence.mean() if reduction == "mean" else result.evidence.sum()
+        return evidence
+    return evidence.mean() if reduction == "mean" else evidence.sum()

@@ -147,8 +147,11 @@ def precise(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum
     centred, mu = stats.centred()
     scale = centred.diagonal().clamp_min(0).sqrt()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant columns: nothing to scale
-    corr_lam, corr_vecs = torch.linalg.eigh(centred / scale[:, None] / scale[None, :])
-    root = corr_lam.clamp_min(0).sqrt()[:, None] * corr_vecs.T * scale[None, :]
+    corr_raw, corr_vecs = torch.linalg.eigh(centred / scale[:, None] / scale[None, :])
+    # The correlation's unresolved eigenvalues are round-off (rank-deficient or N <= D
+    # features): as square roots they would pass for signal of size sqrt(eps).
+    corr_lam = _resolved(corr_raw, _eigh_noise(corr_raw), corr_raw.shape[0])
+    root = corr_lam.sqrt()[:, None] * corr_vecs.T * scale[None, :]
     factor = torch.cat([root, (math.sqrt(stats.num_samples) * mu)[None, :]])
     _, sigma, vh = torch.linalg.svd(factor, full_matrices=False)
     raw = sigma * sigma

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._checks import Inputs, as_tensor, prepare
 from ._options import make_options
-from .functional import REDUCTIONS, solve_statistics
+from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
 from .statistics import SufficientStatistics
 
 Device = Union[str, torch.device, None]
@@ -287,7 +287,8 @@ class LogMEAccumulator(SumAccumulator):
             which reads one value back to the host per update. False keeps
             updates free of host syncs (with ``num_classes`` given); bad
             values then go unnoticed.
-        max_iter, tol, method, legacy_evidence: as for :func:`torch_logme.logme`.
+        max_iter, tol, method, legacy_evidence, absent_classes: as for
+            :func:`torch_logme.logme`.
     """
 
     def __init__(
@@ -305,6 +306,7 @@ class LogMEAccumulator(SumAccumulator):
         tol: Optional[float] = None,
         method: str = "fixed_point",
         legacy_evidence: bool = False,
+        absent_classes: str = "count",
     ) -> None:
         super().__init__(sync_on_compute=sync_on_compute)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -320,7 +322,7 @@ class LogMEAccumulator(SumAccumulator):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.options = make_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
-            legacy_evidence=legacy_evidence,
+            legacy_evidence=legacy_evidence, absent_classes=absent_classes,
         )
         self.num_features = num_features
         self.regression = regression
@@ -402,11 +404,13 @@ class LogMEAccumulator(SumAccumulator):
             raise ValueError(
                 f"features must be [B, {self.num_features}] (batch x num_features), got shape {tuple(f.shape)}"
             )
-        return prepare(
+        inputs = prepare(
             f, targets, regression=self.regression,
             num_classes=None if self.regression else self._fixed_columns,
             device=device, batch=True, check_values=self.check_inputs,
         )
+        check_magnitude(inputs)
+        return inputs
 
     def update(self, features: Any, targets: Any) -> None:
         """Add a batch: features [B, D] (any float dtype); labels [B] or targets [B] / [B, K]."""
@@ -444,9 +448,7 @@ class LogMEAccumulator(SumAccumulator):
             if not bool(stats.raw_gram().diagonal().gt(0).any()):
                 raise ValueError("features are all zero (rank 0); expected at least one non-zero value")
             evidence = solve_statistics(stats, self.options)
-        if reduction == "none":
-            return evidence
-        return evidence.mean() if reduction == "mean" else evidence.sum()
+            return reduce_columns(evidence, stats.target_sq, not self.regression, self.options, reduction)
 
     def compute(self, reduction: str = "mean") -> Tensor:  # type: ignore[override]
         """LogME of every batch so far: 0-dim ("mean", "sum") or [C] ("none")."""

@@ -30,7 +30,7 @@ constexpr int64_t kLanes = 8;
 // threads costs more, and far more when other work shares the cores.
 constexpr int64_t kMinWorkPerThread = 1 << 20;
 
-// The step's three sums over the k eigen-directions (see StepSums). The
+// The step's five sums over the k eigen-directions (see StepSums). The
 // divisions here are most of the op's time, so the loop is a SIMD reduction
 // (partial sums per vector lane; the order differs from evidence.py's only
 // by round-off), cloned for AVX-512 and AVX2 and picked at load time by the
@@ -38,13 +38,15 @@ constexpr int64_t kMinWorkPerThread = 1 << 20;
 template <typename scalar_t>
 LOGME_CPU_CLONES StepSums<double> step_sums(const scalar_t* lam, const scalar_t* x, int64_t k, double t) {
   double lam_r = 0.0;
+  double r_sum = 0.0;
+  double pos = 0.0;
   double x_r2 = 0.0;
   double x_r2lam = 0.0;
-#pragma omp simd reduction(+ : lam_r, x_r2, x_r2lam)
+#pragma omp simd reduction(+ : lam_r, r_sum, pos, x_r2, x_r2lam)
   for (int64_t i = 0; i < k; ++i) {
-    add_direction(lam_r, x_r2, x_r2lam, static_cast<double>(lam[i]), static_cast<double>(x[i]), t);
+    add_direction(lam_r, r_sum, pos, x_r2, x_r2lam, static_cast<double>(lam[i]), static_cast<double>(x[i]), t);
   }
-  return StepSums<double>{lam_r, x_r2, x_r2lam};
+  return StepSums<double>{lam_r, r_sum, pos, x_r2, x_r2lam};
 }
 
 // sum_i w_i log(alpha + beta lam_i), one log per term; w = nullptr: all 1.

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kMaxThreads) fixed_point_kernel(
     int64_t k, ColumnProblem<acc_t> problem,
     scalar_t* __restrict__ alpha_out, scalar_t* __restrict__ beta_out, scalar_t* __restrict__ t_out,
     scalar_t* __restrict__ evidence_out, int64_t* __restrict__ steps_out) {
-  __shared__ acc_t scratch[3][kMaxWarps];
+  __shared__ acc_t scratch[5][kMaxWarps];
   const int64_t col = blockIdx.x;
   const scalar_t* x_col = x + col * k;
   const acc_t base_col = static_cast<acc_t>(base[col]);
@@ -74,13 +74,13 @@ __global__ void __launch_bounds__(kMaxThreads) fixed_point_kernel(
   ColumnState<acc_t> state = initial_state<acc_t>();
   for (int64_t step = 0; step < problem.max_iter; ++step) {
     const acc_t t = state.alpha / state.beta;
-    StepSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0)};
+    StepSums<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       add_direction(s, static_cast<acc_t>(lam[i]), static_cast<acc_t>(x_col[i]), t);
     }
-    acc_t sums[3] = {s.lam_r, s.x_r2, s.x_r2lam};
+    acc_t sums[5] = {s.lam_r, s.r, s.pos, s.x_r2, s.x_r2lam};
     block_sum(sums, scratch);
-    s = StepSums<acc_t>{sums[0], sums[1], sums[2]};
+    s = StepSums<acc_t>{sums[0], sums[1], sums[2], sums[3], sums[4]};
     // Uniform across the block: every thread has the same sums and state.
     if (apply_step(state, s, t, base_col, problem)) break;
   }

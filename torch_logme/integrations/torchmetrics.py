@@ -40,7 +40,7 @@ class LogMEMetric(Metric):
         reduction: what ``compute()`` returns: "mean" (the score, 0-dim),
             "sum", or "none" (one score per column, [C]).
         dtype: precision of the sums and of compute (default float64).
-        check_inputs, max_iter, tol, method, legacy_evidence: as for
+        check_inputs, max_iter, tol, method, legacy_evidence, absent_classes: as for
             :class:`torch_logme.LogMEAccumulator`.
         **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``,
             ``process_group``, ``dist_sync_fn``, ...).
@@ -68,6 +68,7 @@ class LogMEMetric(Metric):
         tol: Optional[float] = None,
         method: str = "fixed_point",
         legacy_evidence: bool = False,
+        absent_classes: str = "count",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,7 +82,7 @@ class LogMEMetric(Metric):
         self._scorer = LogMEAccumulator(
             num_features, num_classes, regression=regression, num_targets=num_targets, dtype=dtype,
             sync_on_compute=False, check_inputs=check_inputs, max_iter=max_iter, tol=tol, method=method,
-            legacy_evidence=legacy_evidence,
+            legacy_evidence=legacy_evidence, absent_classes=absent_classes,
         )
         self.num_features = num_features
         self.num_columns = columns
