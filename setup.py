@@ -124,8 +124,13 @@ setup(
         "torchmetrics": ["torchmetrics>=1.0"],
         "lightning": ["lightning>=2.0"],
         # Tests run the reference both jitted and in pure Python, and the
-        # adapters (both keep the installed torch; lightning brings torchmetrics).
-        "test": ["pytest>=7", "numba>=0.57", "scipy", "torchmetrics>=1.0", "lightning>=2.0"],
+        # adapters (both keep the installed torch; lightning brings torchmetrics);
+        # scikit-learn's bundled data sets are the real-data regression cases,
+        # hypothesis draws the property-based ones.
+        "test": [
+            "pytest>=7", "numba>=0.57", "scipy", "torchmetrics>=1.0", "lightning>=2.0",
+            "scikit-learn>=1.0", "hypothesis>=6",
+        ],
         "bench": ["pytest-benchmark>=4", "numba>=0.57", "scipy"],
     },
     entry_points={"console_scripts": ["torch-logme=torch_logme.__main__:main"]},

@@ -1,10 +1,11 @@
-"""Sufficient statistics of LogME: sums over samples (DESIGN §3).
+"""Sufficient statistics of LogME: sums over samples (docs/design.md, section 3).
 
 The evidence depends on the data only through G = F^T F, the per-column sums
 F^T Y, y^T y per column and N. Each is a sum over samples, so it can be
-accumulated batch by batch and summed across processes. Features are
-converted to the compute dtype one row chunk at a time, so a float32 F is
-never copied whole to float64.
+accumulated batch by batch and summed across processes; they are kept about
+a shift near the mean, which F^T F is rebuilt from without cancellation.
+Features are converted to the compute dtype one row chunk at a time, so a
+float32 F is never copied whole to float64.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Streaming scores: accumulate sums over samples batch by batch, score later.
 
-LogME depends on the data only through sums over samples (DESIGN §3), so an
+LogME depends on the data only through sums over samples (docs/design.md), so an
 accumulator can take batches as they stream by, keep O(D^2 + D C) numbers
 and never the features, merge with another accumulator, and sum its state
 across processes with one ``all_reduce``. The design follows torchmetrics:
