@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,29 +59,40 @@ class FixedPointResult:
 
 
 def _logdet_weights(
-    lam: Tensor, n: int, d: int, legacy: bool, raw: Optional[Tensor] = None
+    lam: Tensor, n: int, d: int, legacy: bool, published_rank: Optional[int] = None
 ) -> tuple[Optional[Tensor], int]:
     """Which of the k eigenvalues enter log|A|, and how many implicit zeros add log(alpha).
 
     Correct evidence: all k, plus D - k zero eigenvalues. Published fixed-point
-    code: only its rank-k truncation, the min(N, D) largest eigenvalues and,
-    when N > D, only those whose singular value exceeds 1e-10. That code
-    takes the singular values of F^T F in float64, which are the magnitudes
-    of its eigenvalues, and a zero one comes out as round-off of about
-    eps * largest: so it keeps every direction whenever that round-off is
-    above the cut-off, whatever the rank. ``raw`` [k] are the eigenvalues
-    before the unresolved ones were set to 0 (default: ``lam``).
+    code: only its rank truncation, the min(N, D) largest eigenvalues and,
+    when N > D, only the ``published_rank`` largest: those whose singular
+    value exceeds 1e-10 in its SVD of F^T F (see ``published_rank``).
     """
     k = lam.shape[0]
     if not legacy:
         return None, d - k
+    kept = min(n, d) if published_rank is None or n <= d else min(published_rank, d)
     keep = torch.zeros(k, dtype=torch.bool, device=lam.device)
-    keep[torch.argsort(lam, descending=True)[: min(n, d)]] = True
-    if n > d:
-        size = (lam if raw is None else raw).abs().to(torch.float64)
-        floor = torch.finfo(torch.float64).eps * size.amax()
-        keep &= torch.maximum(size, floor) > _PUBLISHED_RANK_CUTOFF**2
+    keep[torch.argsort(lam, descending=True)[:kept]] = True
     return keep.to(lam.dtype), 0
+
+
+def published_rank(gram: "Tensor | np.ndarray") -> int:
+    """How many directions the published fixed-point code keeps for F^T F = ``gram`` [D, D] (symmetric), N > D.
+
+    It takes numpy's SVD of F^T F in float64 and keeps the singular values
+    whose square root is above 1e-10. Round-off decides that count for
+    rank-deficient features (the SVD may report a zero eigenvalue as 0 or
+    as round-off of about eps * largest), so this runs the same numpy call,
+    on F^T F formed as that code forms it where the features are at hand
+    (``legacy_evidence`` only).
+    """
+    if isinstance(gram, Tensor):
+        gram = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    # With the singular vectors, as published: LAPACK then takes another path,
+    # whose round-off for a null direction differs from the values-only one.
+    _, values, _ = np.linalg.svd(gram)
+    return int(np.count_nonzero(np.sqrt(values) > _PUBLISHED_RANK_CUTOFF))
 
 
 def fixed_point(
@@ -92,7 +104,7 @@ def fixed_point(
     options: ScoreOptions,
     whitened_sq: Optional[Tensor] = None,
     outside_sq: Optional[Tensor] = None,
-    raw_eigenvalues: Optional[Tensor] = None,
+    published_rank: Optional[int] = None,
 ) -> FixedPointResult:
     """Run the published fixed point on every column at once.
 
@@ -103,14 +115,15 @@ def fixed_point(
     whitened_sq, outside_sq: optional [C, k] and [C], with
         proj_sq = eigenvalues * whitened_sq (see Spectrum); when given, the
         residual is summed from positive terms instead of by subtraction.
-    raw_eigenvalues: optional [k], the eigenvalues before unresolved ones
-        were set to 0; only ``legacy_evidence`` reads them (its rank cut-off).
+    published_rank: for ``legacy_evidence`` with N > D, how many
+        eigenvalues the published code keeps (``published_rank``); None
+        keeps all.
 
     Runs the compiled op when it serves the device and dtype (see
     ``torch_logme.extension_available``), else the pure-torch loop.
     """
     args = (eigenvalues, proj_sq, target_sq, num_samples, num_features, options, whitened_sq, outside_sq,
-            raw_eigenvalues)
+            published_rank)
     if (
         eigenvalues.dtype in _COMPILED_DTYPES
         and _extension.extension_available(eigenvalues.device)
@@ -139,13 +152,13 @@ def _fixed_point_compiled(
     options: ScoreOptions,
     whitened_sq: Optional[Tensor],
     outside_sq: Optional[Tensor],
-    raw_eigenvalues: Optional[Tensor] = None,
+    published_rank: Optional[int] = None,
 ) -> FixedPointResult:
     """``fixed_point`` through the compiled op torch_logme::fixed_point (csrc/)."""
     strict = options.method == "icml"
     legacy = options.legacy_evidence and not strict  # the ICML code was already correct
     # Without weights the op adds D - k implicit zero eigenvalues, as below.
-    weights, _ = _logdet_weights(eigenvalues, num_samples, num_features, legacy, raw_eigenvalues)
+    weights, _ = _logdet_weights(eigenvalues, num_samples, num_features, legacy, published_rank)
     alpha, beta, t, evidence, steps = _extension.fixed_point_op(
         eigenvalues, proj_sq, target_sq, whitened_sq, outside_sq, weights,
         num_samples, num_features, options.max_iter, options.tol, strict,
@@ -162,7 +175,7 @@ def _fixed_point_torch(
     options: ScoreOptions,
     whitened_sq: Optional[Tensor],
     outside_sq: Optional[Tensor],
-    raw_eigenvalues: Optional[Tensor] = None,
+    published_rank: Optional[int] = None,
 ) -> FixedPointResult:
     """``fixed_point`` in plain torch ops: about ten small kernels per step.
 
@@ -200,7 +213,9 @@ def _fixed_point_torch(
         # No cancellation when t << lam (N <= D at a large scale), unlike n - gamma.
         free = free_dims + t * (r @ positive.to(lam.dtype))
         fit = (t.unsqueeze(1) * r).square_()  # (t / (t + lam))^2: in [0, 1], never underflows to 0 wrongly
-        r.mul_(r)  # 1 / (t + lam)^2, in place: [C, k] is the largest temporary
+        # 1 / (t + lam)^2, in place ([C, k] is the largest temporary), and 0 for a zero
+        # eigenvalue: its 1 / t^2 may overflow, and no term needs it (z, or lam, is 0 there).
+        r.mul_(r).masked_fill_(~positive, 0)
         if whitened_sq is None:
             q = r.mul_(proj_sq)
             m2_new = q.sum(1)
@@ -232,8 +247,7 @@ def _fixed_point_torch(
         m2 = m2 + EPSILON * scale
         res2 = res2 + EPSILON
     legacy = options.legacy_evidence and not strict  # the ICML code was already correct
-    raw = eigenvalues if raw_eigenvalues is None else raw_eigenvalues
-    weights, zeros = _logdet_weights(lam, num_samples, num_features, legacy, raw)
+    weights, zeros = _logdet_weights(lam, num_samples, num_features, legacy, published_rank)
     log_terms = torch.log(alpha.unsqueeze(1) + beta.unsqueeze(1) * lam)
     logdet = (log_terms if weights is None else log_terms * weights).sum(1)
     logdet = logdet + zeros * torch.log(alpha)

@@ -9,13 +9,14 @@ import warnings
 from dataclasses import replace
 from typing import Any, Callable, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import spectrum as _spectrum
 from ._checks import Inputs, prepare
 from ._options import ScoreOptions, make_options
-from .evidence import FixedPointResult, fixed_point, roundoff_error
+from .evidence import FixedPointResult, fixed_point, published_rank, roundoff_error
 from .statistics import SufficientStatistics, compute_statistics
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -26,25 +27,32 @@ REDUCTIONS = ("mean", "sum", "none")
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-def _fixed_point(spec: _spectrum.Spectrum, options: ScoreOptions) -> FixedPointResult:
-    return fixed_point(
-        spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features, options,
-        whitened_sq=spec.whitened_sq, outside_sq=spec.outside_sq, raw_eigenvalues=spec.raw_eigenvalues,
-    )
+def _legacy_rank(
+    options: ScoreOptions, n: int, d: int, gram: Callable[[], "Tensor | np.ndarray"]
+) -> Optional[int]:
+    """The published code's rank cut-off, where ``legacy_evidence`` needs it (fixed point, N > D)."""
+    if not options.legacy_evidence or options.method == "icml" or n <= d:
+        return None
+    return published_rank(gram())
 
 
 def _attempt(
-    decompose: Callable[[], _spectrum.Spectrum], options: ScoreOptions, rtol: Optional[float]
+    decompose: Callable[[], _spectrum.Spectrum], options: ScoreOptions, rtol: Optional[float],
+    rank: Optional[int] = None,
 ) -> Tuple[Optional[_spectrum.Spectrum], Optional[FixedPointResult], bool]:
     """(spectrum, result, trusted) of one route; a decomposition that fails to converge is untrusted.
 
-    ``rtol=None`` takes the result whatever its bound (the last route).
+    ``rtol=None`` takes the result whatever its bound (the last route);
+    ``rank``: the published rank cut-off for ``legacy_evidence``.
     """
     try:
         spec = decompose()
     except torch.linalg.LinAlgError:  # non-finite or pathological sums: let the next route try
         return None, None, False
-    result = _fixed_point(spec, options)
+    result = fixed_point(
+        spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features, options,
+        whitened_sq=spec.whitened_sq, outside_sq=spec.outside_sq, published_rank=rank,
+    )
     if rtol is None:
         return spec, result, True
     error = roundoff_error(spec, result)
@@ -52,11 +60,14 @@ def _attempt(
     return spec, result, bool(ok.all())
 
 
-def _finite(spec: Optional[_spectrum.Spectrum], result: Optional[FixedPointResult], magnitude: str):
-    if result is None or not bool(torch.isfinite(result.evidence).all()):
+def _finite(
+    spec: Optional[_spectrum.Spectrum], result: Optional[FixedPointResult], magnitude: str
+) -> Tuple[_spectrum.Spectrum, FixedPointResult]:
+    if spec is None or result is None or not bool(torch.isfinite(result.evidence).all()):
         raise ValueError(
-            f"LogME has no finite value for these features{magnitude}: their sums leave the range "
-            "that float64 holds; divide the features by a constant (LogME ranks them nearly alike)"
+            f"LogME has no finite value for these features{magnitude}: no route (eigh, or the SVD of "
+            "the precise route) gave one; if their magnitude is extreme, divide them by a constant "
+            "(LogME ranks rescaled features nearly alike)"
         )
     return spec, result
 
@@ -82,10 +93,15 @@ def _magnitude(inputs: Inputs) -> str:
     return "" if inputs.magnitude is None else f" (largest magnitude {inputs.magnitude:.3g})"
 
 
-def check_magnitude(inputs: Inputs) -> None:
-    """Raise ValueError when the features are too large or too small for float64 sums (before any work)."""
+def check_magnitude(inputs: Inputs, *, batch: bool = False) -> None:
+    """Raise ValueError when the features are too large or too small for float64 sums (before any work).
+
+    ``batch=True`` (one batch of a stream) checks only the upper bound: a
+    batch of tiny features adds little to sums that other batches fill.
+    """
     m = inputs.magnitude
-    if m is not None and m > 0 and not MAGNITUDES[0] <= m <= MAGNITUDES[1]:
+    low = 0.0 if batch else MAGNITUDES[0]
+    if m is not None and m > 0 and not low <= m <= MAGNITUDES[1]:
         raise ValueError(
             f"features have largest magnitude {m:.3g}, outside the {MAGNITUDES[0]:g} to {MAGNITUDES[1]:g} "
             "that LogME's float64 sums of squares can hold; divide them by a constant first "
@@ -112,7 +128,12 @@ def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_
     def by_svd() -> _spectrum.Spectrum:
         return _spectrum.svd(f, y, c, cls, dtype, with_basis=with_basis)
 
-    stats: Optional[SufficientStatistics] = None
+    def published_gram() -> np.ndarray:
+        """F^T F as the published code forms it (numpy, float64), for its rank cut-off."""
+        x = f.detach().to(device="cpu", dtype=torch.float64).numpy()
+        return x.transpose() @ x
+
+    rank = _legacy_rank(options, n, d, published_gram)
     if options.solver == "svd":
         fast, precise = by_svd, None
     elif n <= d:
@@ -121,14 +142,14 @@ def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_
         stats = compute_statistics(f, y, c, cls, dtype)
         fast = lambda: _spectrum.primal(stats, with_basis=with_basis)  # noqa: E731
         precise = lambda: _spectrum.precise(stats, with_basis=with_basis)  # noqa: E731
-    spec, result, trusted = _attempt(fast, options, RTOL[dtype])
+    spec, result, trusted = _attempt(fast, options, RTOL[dtype], rank)
     if trusted:
         return spec, result
     if dtype != torch.float64:
         spec, result = solve(inputs, _in_float64(options), with_basis=with_basis)
         return spec, _cast(result, dtype)
     if precise is not None:
-        spec, result, _ = _attempt(precise, options, None)
+        spec, result, _ = _attempt(precise, options, None, rank)
     return _finite(spec, result, _magnitude(inputs))
 
 
@@ -139,12 +160,15 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
     the precise route runs on them in float64, and when even that cannot be
     trusted to float32's bound, the error says to accumulate in float64.
     """
-    spec, result, trusted = _attempt(lambda: _spectrum.primal(stats, with_basis=False), options, RTOL[options.dtype])
+    rank = _legacy_rank(options, stats.num_samples, stats.gram.shape[0], stats.raw_gram)
+    spec, result, trusted = _attempt(
+        lambda: _spectrum.primal(stats, with_basis=False), options, RTOL[options.dtype], rank
+    )
     if trusted:
         return result.evidence
     if options.dtype == torch.float64:
-        _, result = _finite(*_attempt(lambda: _spectrum.precise(stats, with_basis=False), options, None)[:2], "")
-        return result.evidence
+        precise = _attempt(lambda: _spectrum.precise(stats, with_basis=False), options, None, rank)
+        return _finite(precise[0], precise[1], "")[1].evidence
 
     def widened() -> _spectrum.Spectrum:
         wide = _spectrum.precise(stats.to(torch.float64), with_basis=False)
@@ -152,7 +176,7 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
         floor = torch.finfo(options.dtype).eps * wide.eigenvalues.amax()
         return replace(wide, noise=torch.maximum(wide.noise, floor))
 
-    _, result, trusted = _attempt(widened, replace(options, dtype=torch.float64), RTOL[options.dtype])
+    _, result, trusted = _attempt(widened, replace(options, dtype=torch.float64), RTOL[options.dtype], rank)
     if not trusted:
         raise ValueError(
             "the float32 sums of this accumulator cannot resolve these features (offset, badly scaled "

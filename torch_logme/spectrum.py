@@ -52,9 +52,6 @@ class Spectrum:
         from an eigendecomposition of F^T F, 2 eps * sigma_max * sigma_i from
         an SVD (sigma the singular values). Eigenvalues within a factor of
         the matrix order of it (unresolved) were set to 0.
-    raw_eigenvalues: [k] the eigenvalues as decomposed, before round-off
-        negatives and unresolved ones were set to 0 (the published code's
-        rank cut-off reads them).
     dropped_sq: [C, k] the z^2 that were set to 0 with unresolved directions
         (0 elsewhere), or None when no z was dropped (whitened forms keep p^2).
     """
@@ -69,7 +66,6 @@ class Spectrum:
     whitened_sq: Optional[Tensor] = None
     outside_sq: Optional[Tensor] = None
     noise: Optional[Tensor] = None
-    raw_eigenvalues: Optional[Tensor] = None
     dropped_sq: Optional[Tensor] = None
 
     def posterior_means(self, t: Tensor) -> Tensor:
@@ -78,6 +74,11 @@ class Spectrum:
             raise RuntimeError("this spectrum was computed without the basis for posterior means")
         weights = self.coef / (t.unsqueeze(1) + self.eigenvalues)
         return weights @ self.basis
+
+
+#: A column whose centred second moment is at most this many eps of its second
+#: moment about the shift is constant (its variance is round-off).
+CONSTANT_EPS = 64
 
 
 def _resolved(raw: Tensor, noise: Tensor, dims: int) -> Tensor:
@@ -106,11 +107,11 @@ def primal(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum:
     noise = _eigh_noise(raw)
     lam = _resolved(raw, noise, raw.shape[0])
     # z of an unresolved direction is round-off (or signal the eigh lost): its mass goes to the residual.
-    return _projected(stats, lam, vecs, noise, raw, with_basis)
+    return _projected(stats, lam, vecs, noise, with_basis)
 
 
 def _projected(
-    stats: SufficientStatistics, lam: Tensor, vecs: Tensor, noise: Tensor, raw: Tensor, with_basis: bool
+    stats: SufficientStatistics, lam: Tensor, vecs: Tensor, noise: Tensor, with_basis: bool
 ) -> Spectrum:
     """The primal Spectrum for eigenvalues [k] and eigenvectors [D, k] of F^T F."""
     z = stats.raw_cross() @ vecs
@@ -127,7 +128,6 @@ def _projected(
         num_samples=stats.num_samples,
         num_features=stats.gram.shape[0],
         noise=noise,
-        raw_eigenvalues=raw,
         dropped_sq=z_sq * ~resolved,
     )
 
@@ -145,9 +145,14 @@ def precise(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum
     sigma^2 to eps * sqrt(lam_max lam), not eps * lam_max as from eigh(F^T F).
     """
     centred, mu = stats.centred()
-    scale = centred.diagonal().clamp_min(0).sqrt()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant columns: nothing to scale
-    corr_raw, corr_vecs = torch.linalg.eigh(centred / scale[:, None] / scale[None, :])
+    variance = centred.diagonal()
+    # A constant column's centred moments are round-off of its second moment about
+    # the shift; by Cauchy-Schwarz its row and column are 0: make them so.
+    constant = variance <= CONSTANT_EPS * torch.finfo(variance.dtype).eps * stats.gram.diagonal()
+    centred = centred * ~constant[:, None] * ~constant[None, :]
+    scale = torch.where(constant, torch.ones_like(variance), variance.clamp_min(0).sqrt())
+    corr = (centred / scale[:, None] / scale[None, :]).clamp_(-1, 1)
+    corr_raw, corr_vecs = torch.linalg.eigh(corr)
     # The correlation's unresolved eigenvalues are round-off (rank-deficient or N <= D
     # features): as square roots they would pass for signal of size sqrt(eps).
     corr_lam = _resolved(corr_raw, _eigh_noise(corr_raw), corr_raw.shape[0])
@@ -157,7 +162,7 @@ def precise(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum
     raw = sigma * sigma
     noise = _svd_noise(sigma)
     lam = _resolved(raw, noise, factor.shape[1])
-    return _projected(stats, lam, vh.T, noise, raw, with_basis)
+    return _projected(stats, lam, vh.T, noise, with_basis)
 
 
 def _column_sums(u: Tensor, targets: Tensor, num_columns: int, classification: bool) -> Tensor:
@@ -212,7 +217,6 @@ def dual(
         # U holds N orthonormal vectors: a complete basis, so nothing of y is outside it.
         outside_sq=torch.zeros_like(target_sq),
         noise=noise,
-        raw_eigenvalues=raw,
     )
 
 
@@ -248,6 +252,5 @@ def svd(
         whitened_sq=p_sq,
         outside_sq=outside,
         noise=noise,
-        raw_eigenvalues=raw,
     )
 

@@ -213,9 +213,9 @@ class SufficientStatistics:
         return centred, self.mean()
 
     def raw_gram(self) -> Tensor:
-        """F^T F [D, D] of the features themselves (upper triangle exact, as ``gram``)."""
+        """F^T F [D, D] of the features themselves, symmetric."""
         if self.shift is None:
-            return self.gram
+            return symmetric(self.gram)
         centred, mu = self.centred()
         return centred + self.num_samples * torch.outer(mu, mu)
 

@@ -409,7 +409,7 @@ class LogMEAccumulator(SumAccumulator):
             num_classes=None if self.regression else self._fixed_columns,
             device=device, batch=True, check_values=self.check_inputs,
         )
-        check_magnitude(inputs)
+        check_magnitude(inputs, batch=True)
         return inputs
 
     def update(self, features: Any, targets: Any) -> None:
@@ -446,7 +446,10 @@ class LogMEAccumulator(SumAccumulator):
         stats = _as_statistics(states, states.get("shift"))
         with torch.no_grad():
             if not bool(stats.raw_gram().diagonal().gt(0).any()):
-                raise ValueError("features are all zero (rank 0); expected at least one non-zero value")
+                raise ValueError(
+                    "features are all zero (rank 0), or too small in magnitude (below about 1e-150) for "
+                    "float64 sums of squares; expected non-zero values"
+                )
             evidence = solve_statistics(stats, self.options)
             return reduce_columns(evidence, stats.target_sq, not self.regression, self.options, reduction)
 
