@@ -160,7 +160,21 @@ def test_nce_accumulator(device):
 
 # -- two CPU processes (gloo): each rank sees half the batches, compute() sums them --------
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _rank_data(scenario: str):
+    """Features [240, 6], labels and hard source labels of the two-rank tests.
+
+    "offset": features of spread 1e100 about per-column offsets near 3e107,
+    the odd batches (rank 1's) 5e108 further: the ranks' first batches give
+    them different shifts and power-of-two scales, which sync must reconcile.
+    """
+    f, y = make_features(240, 6, 5, seed=5)
+    if scenario == "offset":
+        f = f * 1e100 + np.linspace(1.0, 3.0, 6) * 3e107
+        f[np.arange(240) // 20 % 2 == 1] += 5e108
+    return f, y, (y * 3 + np.arange(240)) % 7
+
+
+def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
     import os
     import sys
     from pathlib import Path
@@ -171,8 +185,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        f, y = make_features(240, 6, 5, seed=5)
-        src = (y * 3 + np.arange(240)) % 7
+        f, y, src = _rank_data(scenario)
         accs = {name: cls(6) for name, (cls, _) in ACCUMULATORS.items()}
         accs["nce"] = NCEAccumulator()
         for i, rows in enumerate(batches(240, [20])):
@@ -181,12 +194,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             yb = y[rows] if rank == 0 else np.minimum(y[rows], 3)  # rank 1 never sees class 4
             for name, acc in accs.items():
                 acc.update(src[rows], yb) if name == "nce" else acc.update(f[rows], yb)
-        torch.save({name: acc.compute() for name, acc in accs.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {name: acc.compute() for name, acc in accs.items()}  # syncs a copy
+        for name, acc in accs.items():  # sync() in place, then compute the local (now global) sums
+            acc.sync()
+            acc.sync_on_compute = False
+            result[f"{name} synced"] = acc.compute()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("scenario", ["plain", "offset"])
+def test_two_ranks_equal_one_process(tmp_path, scenario):
     import socket
 
     import torch.distributed as dist
@@ -197,13 +216,13 @@ def test_two_ranks_equal_one_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    f, y = make_features(240, 6, 5, seed=5)
-    src = (y * 3 + np.arange(240)) % 7
+    mp.spawn(_worker, args=(port, str(tmp_path), scenario), nprocs=2, join=True)
+    f, y, src = _rank_data(scenario)
     seen = np.concatenate([y[r] if i % 2 == 0 else np.minimum(y[r], 3) for i, r in enumerate(batches(240, [20]))])
     expected = {name: fn(f, seen) for name, (_, fn) in ACCUMULATORS.items()}
     expected["nce"] = nce(src, seen)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in expected.items():
-            assert close(got[name], value), (rank, name)
+            assert close(got[name], value), (rank, name, float(got[name]), float(value))
+            assert close(got[f"{name} synced"], value), (rank, name, "synced")

@@ -388,12 +388,23 @@ class LogME:
 
 #: Relative cut-off of the pseudo-inverses of the H-scores (float64).
 H_SCORE_RCOND = 1e-10
-#: A column whose variance is at most this many eps times its mean square is constant.
+#: A column whose variance is at most this many eps times its mean square
+#: about the subtracted mean is constant.
 _CONSTANT_COLUMN_EPS = 64
 
 
 def _labels(y: np.ndarray) -> np.ndarray:
     return np.asarray(y).reshape(-1).astype(np.int64)
+
+
+def _centred(f: np.ndarray) -> np.ndarray:
+    """f [N, D] minus its column means, in two passes.
+
+    The first pass's mean of features far from 0 is off in its last digits
+    (a multiple of the offset's eps); the second pass removes what it left.
+    """
+    z = f - f.mean(axis=0)
+    return z - z.mean(axis=0)
 
 
 def _pinv_psd(a: np.ndarray, rcond: float) -> np.ndarray:
@@ -458,10 +469,15 @@ def h_score(features: np.ndarray, labels: np.ndarray, rcond: float = H_SCORE_RCO
     """
     f = np.asarray(features, dtype=np.float64)
     y = _labels(labels)
-    centred = f - f.mean(axis=0)
+    shifted = f - f.mean(axis=0)
+    centred = shifted - shifted.mean(axis=0)
     var = (centred ** 2).mean(axis=0)
-    mean_sq = (f ** 2).mean(axis=0)
-    keep = var > _CONSTANT_COLUMN_EPS * np.finfo(np.float64).eps * mean_sq
+    # Constant: the variance is round-off of the mean square about the mean
+    # subtracted (not of the raw mean square, which would also drop every
+    # column whose spread is small next to its offset). The floor drops a
+    # column whose variance is not even a normal number.
+    mean_sq = (shifted ** 2).mean(axis=0)
+    keep = var > _CONSTANT_COLUMN_EPS * np.finfo(np.float64).eps * mean_sq + np.finfo(np.float64).tiny
     scale = np.zeros_like(var)
     scale[keep] = 1.0 / np.sqrt(var[keep])
     z = centred * scale
@@ -480,7 +496,7 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     """
     x = np.asarray(x, dtype=np.float64)
     n, p = x.shape
-    xc = x - x.mean(axis=0)
+    xc = _centred(x)
     s = xc.T @ xc / n
     mu = np.trace(s) / p
     target = mu * np.eye(p)
@@ -504,7 +520,7 @@ def regularized_h_score(features: np.ndarray, labels: np.ndarray, rcond: float =
     y = _labels(labels)
     d = f.shape[1]
     cov_f, shrinkage = ledoit_wolf(f)
-    centred = f - f.mean(axis=0)
+    centred = _centred(f)
     cov_g = np.cov(_class_mean_rows(centred, y), rowvar=False, bias=True).reshape(d, d)
     return float(np.trace(_pinv_psd(cov_f, rcond) @ ((1.0 - shrinkage) * cov_g)))
 
@@ -521,7 +537,7 @@ def transrate(features: np.ndarray, labels: np.ndarray, eps: float = 1e-4) -> fl
     """TransRate (Huang et al., ICML 2022): R(Z) - sum_c (n_c / N) R(Z_c), Z centred at its mean."""
     f = np.asarray(features, dtype=np.float64)
     y = _labels(labels)
-    z = f - f.mean(axis=0)
+    z = _centred(f)
     n = z.shape[0]
     score = coding_rate(z, eps)
     for c in np.unique(y):
@@ -536,8 +552,10 @@ def gbc(features: np.ndarray, labels: np.ndarray, min_variance: float = 1e-4) ->
     -sum over ordered pairs i != j of present classes of exp(-D_B), D_B the
     Bhattacharyya distance of N(mu_i, diag v_i) and N(mu_j, diag v_j); v is
     the per-dimension variance (normalised by n_c) floored at min_variance.
+    The features are centred first (the score is shift-invariant), so that
+    class means far from 0 keep the digits of their differences.
     """
-    f = np.asarray(features, dtype=np.float64)
+    f = _centred(np.asarray(features, dtype=np.float64))
     y = _labels(labels)
     stats = []
     for c in np.unique(y):

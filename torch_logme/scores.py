@@ -18,9 +18,17 @@ feature dimensions, batched: there is no Python loop over classes.
 call the same ``*_from_moments`` functions, so the functional and streaming
 scores share their arithmetic.
 
-The functional scores subtract the feature mean before accumulating, so
-that covariances formed from the sums lose no digits to cancellation. Every
-score is shift-invariant, so this changes nothing but the round-off.
+Every sum is of x = (features - shift) * scale (a ``Frame``): the shift is
+the feature mean (the functional scores) or the first batch's mean (the
+accumulators), so that covariances formed from the sums lose no digits to
+cancellation however far the features sit from 0; the scale is a power of
+two, 1 for features of moderate magnitude (then the arithmetic is that of
+the unscaled features, bitwise) and 2**-e for features too large or too
+small for the sums, which makes the scaling exact. Every score here is
+shift-invariant; the H-scores are scale-invariant too, and TransRate's eps
+and GBC's variance floor are scaled with the features, so no score changes
+but for round-off. A score whose absolute constant cannot be represented at
+the features' scale raises a ValueError saying so.
 """
 from __future__ import annotations
 
@@ -55,9 +63,14 @@ Device = Union[str, torch.device, None]
 DEFAULT_RCOND = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 #: A feature column whose variance is at most this many eps (of the compute
-#: dtype) times its mean square is constant: the H-score drops it instead of
-#: dividing by the round-off left in its variance.
+#: dtype) times its second moment about the shift is constant: the H-score
+#: drops it instead of dividing by the round-off left in its variance (GBC
+#: takes such a class variance as 0, which its floor then replaces).
 CONSTANT_COLUMN_EPS = 64
+
+#: Largest |exponent| of the powers of two that scale features (and of the
+#: scaled constants), well inside each dtype's normal range.
+SCALE_LIMIT = {torch.float64: 1000, torch.float32: 120}
 
 #: Row chunks of the passes over the data on CPU, with a floor on the rows (see _row_chunks).
 CPU_CHUNK_BYTES = 8 << 20
@@ -84,8 +97,11 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _row_chunks(f: Tensor, dtype: torch.dtype, shift: Optional[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
-    """Yield (rows, f[rows] in ``dtype`` minus ``shift``).
+def _row_chunks(
+    f: Tensor, dtype: torch.dtype, shift: Optional[Tensor], scale: Optional[Tensor] = None,
+    centre: Optional[Tensor] = None,
+) -> Iterator[Tuple[slice, Tensor]]:
+    """Yield (rows, (f[rows] - shift) * scale - centre in ``dtype``); see ``framed``.
 
     GPUs get chunks of CHUNK_BYTES (few launches). CPUs get smaller chunks
     (CPU_CHUNK_BYTES, but at least CPU_CHUNK_ROWS rows so that Gram updates
@@ -103,17 +119,184 @@ def _row_chunks(f: Tensor, dtype: torch.dtype, shift: Optional[Tensor]) -> Itera
     step = max(1, min(n, step))
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        x = f[rows].to(dtype)
-        yield rows, (x if shift is None else x - shift)
+        yield rows, framed(f[rows], dtype, shift, scale, centre)
 
 
-def feature_mean(f: Tensor, dtype: torch.dtype) -> Tensor:
-    """Column means [D] of f [N, D], summed in ``dtype``.
+# -- frames: where the sums are taken --------------------------------------------
 
-    Only a shift: the moment formulas are exact for any shift, and one close
-    to the mean keeps the sums of squares from cancelling.
+
+def work_dtype(features: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the shift is subtracted in, before converting to the compute ``dtype``.
+
+    float64 unless the features and the compute dtype both fit float32: a
+    float64 feature at 1e7 + 0.1 keeps its 0.1 only if the offset goes
+    before the conversion to float32.
     """
-    return f.sum(0, dtype=dtype) / f.shape[0]
+    if dtype == torch.float64 or features in (torch.float64, torch.int64, torch.int32):
+        return torch.float64
+    return torch.float32
+
+
+def scale_band(dtype: torch.dtype, power: int) -> int:
+    """Features of magnitude 2**-band .. 2**band are summed unscaled (``power``: the highest power summed).
+
+    Inside the band every product that sums of ``power``-th powers form is a
+    normal number far from overflow, so scaling would change nothing.
+    """
+    return SCALE_LIMIT[dtype] // (2 * power)
+
+
+def magnitude(f: Tensor) -> Tensor:
+    """[D] float64: the largest |value| of each column of f [N, D] (one pass, no copy of f)."""
+    if f.dtype == torch.bool:
+        f = f.to(torch.uint8)
+    low, high = torch.aminmax(f, dim=0)
+    return torch.maximum(low.to(torch.float64).abs(), high.to(torch.float64).abs())
+
+
+def pow2_scale(size: Tensor, band: int, limit: int) -> Tensor:
+    """[D] float64 powers of two for columns of magnitude ``size`` [D] (float64).
+
+    1 where the magnitude is 0 or within 2**-band .. 2**band; elsewhere
+    2**-e with size * 2**-e in [0.5, 1), e clamped to +-``limit``.
+    """
+    _, e = torch.frexp(size)
+    scale = torch.ldexp(torch.ones_like(size), -e.clamp(-limit, limit).to(torch.float64))
+    inside = (size == 0) | ((size >= 2.0 ** -band) & (size <= 2.0 ** band))
+    return torch.where(inside, torch.ones_like(scale), scale)
+
+
+def log2_of(scale: Tensor) -> Tensor:
+    """Exponents [D] (float64) of powers of two ``scale`` [D]."""
+    return (torch.frexp(scale.to(torch.float64))[1] - 1).to(torch.float64)
+
+
+def _int_shifted(rows: Tensor, shift: Tensor) -> Tensor:
+    """int64 rows [B, D] minus a float64 shift [D], in float64.
+
+    The shift's integer part is subtracted in int64 first: values near 2**62
+    differ in digits float64 cannot hold, but their differences it holds.
+    Where that difference would wrap around (a column spanning more than
+    2**63) the float64 difference is taken instead.
+    """
+    whole = shift.round().clamp(-(2.0 ** 62), 2.0 ** 62)
+    whole_int = whole.to(torch.int64)
+    diff = rows - whole_int
+    wrapped = (rows >= whole_int) != (diff >= 0)
+    exact = diff.to(torch.float64) - (shift - whole)
+    return torch.where(wrapped, rows.to(torch.float64) - shift, exact)
+
+
+def framed(
+    rows: Tensor, dtype: torch.dtype, shift: Optional[Tensor], scale: Optional[Tensor] = None,
+    centre: Optional[Tensor] = None,
+) -> Tensor:
+    """rows [B, D] as x = (rows - shift) * scale - centre, in ``dtype`` (a new tensor).
+
+    The arithmetic is in the shift's dtype (see ``work_dtype``). The scale
+    is a power of two, so rows * scale - shift * scale is (rows - shift) *
+    scale bitwise, and cannot overflow where rows - shift would. ``centre``
+    [D] (scaled units) removes what the shift left of the mean.
+    """
+    if shift is None:
+        return rows.to(dtype)
+    work = shift.dtype
+    if rows.dtype == torch.int64 and work == torch.float64:
+        x = _int_shifted(rows, shift)
+        if scale is not None:
+            x = x * scale
+    elif scale is None:
+        x = rows.to(work) - shift
+    else:
+        x = torch.mul(rows.to(work), scale).sub_(shift * scale)
+    if centre is not None:
+        x = x - centre
+    return x.to(dtype)
+
+
+@dataclass
+class Frame:
+    """Where a data set's sums are taken: x = (f - shift) * scale - centre.
+
+    shift: [D] the column means, in the work dtype (see ``work_dtype``).
+    scale: [D] powers of two in the work dtype, or None when all are 1.
+    centre: [D] or None: the mean of (f - shift) * scale, what the shift
+        missed of the mean (an offset's last digits), for scores that use
+        the centred rows themselves rather than moments.
+    size: the features' largest magnitude, for messages.
+    spread: with ``centre``, the largest column variance in scaled units.
+    """
+
+    shift: Tensor
+    scale: Optional[Tensor]
+    centre: Optional[Tensor] = None
+    size: float = 0.0
+    spread: float = 0.0
+
+    @property
+    def log2_scale(self) -> Tensor:
+        """[D] exponents of ``scale`` (zeros when it is None)."""
+        if self.scale is None:
+            return torch.zeros_like(self.shift, dtype=torch.float64)
+        return log2_of(self.scale)
+
+
+def make_frame(
+    f: Tensor, dtype: torch.dtype, *, per_column: bool, power: int, centre: bool = False,
+    largest: Optional[float] = None,
+) -> Frame:
+    """The frame of features f [N, D] summed in ``dtype``: one pass for the magnitudes, one for the mean.
+
+    Args:
+        per_column: one scale per column (scores invariant to scaling a
+            column) rather than one for all.
+        power: the highest power of the features the sums hold (2, or 4 for
+            the shrinkage H-score).
+        centre: also the mean and variances of the shifted rows (a third
+            pass), for scores that work on centred rows.
+        largest: max |f| when known (the input checks read it), which saves
+            the magnitude pass of a frame with one scale for all columns.
+    """
+    n, d = f.shape
+    work = work_dtype(f.dtype, dtype)
+    if per_column:
+        size = magnitude(f)
+    elif largest is not None:
+        size = torch.full((d,), float(largest), dtype=torch.float64, device=f.device)
+    else:
+        size = magnitude(f).amax().expand(d)
+    scale = pow2_scale(size, scale_band(dtype, power), SCALE_LIMIT[work])
+    largest, unit = torch.stack([size.max(), (scale == 1).all().to(torch.float64)]).tolist()
+    scale = None if unit else scale.to(work)
+    if largest * n < torch.finfo(work).max / 4 or scale is None:
+        # The column means: only a shift (the moments are exact about any), but
+        # one close to the mean keeps sums of squares from cancelling.
+        shift = f.sum(0, dtype=work) / n
+    else:  # the plain sum would overflow: sum scaled rows
+        total = torch.zeros(d, dtype=work, device=f.device)
+        for _, x in _row_chunks(f, work, torch.zeros(d, dtype=work, device=f.device), scale):
+            total += x.sum(0)
+        shift = total / n / scale
+    frame = Frame(shift, scale, size=largest)
+    if centre:
+        total = torch.zeros(d, dtype=work, device=f.device)
+        square = torch.zeros(d, dtype=work, device=f.device)
+        for _, x in _row_chunks(f, work, shift, scale):
+            total += x.sum(0)
+            square += (x * x).sum(0)
+        frame.centre = total / n
+        frame.spread = max(0.0, float((square / n - frame.centre * frame.centre).amax()))
+    return frame
+
+
+def _finite(score: Tensor, name: str, size: float, remedy: str = "divide the features by a constant") -> Tensor:
+    """``score``, or a ValueError when it is not finite (the sums could not hold the features)."""
+    if not bool(torch.isfinite(score)):
+        raise ValueError(
+            f"{name} came out {float(score)} for features of magnitude up to {size:.3g}: their sums "
+            f"exceed the range of {score.dtype}; {remedy} (or compute in float64)"
+        )
+    return score
 
 
 def symmetric(gram: Tensor) -> Tensor:
@@ -148,16 +331,18 @@ def _positive(value: Any, name: str) -> float:
 
 @dataclass
 class ClassMoments:
-    """Sums over samples of x = features - shift, some per class.
+    """Sums over samples of x = (features - shift) * scale, some per class.
 
     counts: [C] samples per class.
     sums: [C, D] per-class sums of x.
-    shift: [D] what was subtracted from the features, or None when the sums
-        are of the raw features (the streaming accumulators).
+    shift: [D] what was subtracted from the features (see ``framed``), or
+        None when the sums are of the features themselves.
     gram: [D, D] sum of x x^T (its upper triangle: see ``full_gram``), or None.
     squares: [C, D] per-class sums of x * x, or None.
     norm_sq_sums: [D] sum of ||x||^2 x, or None.
     norm_quartic: [] sum of ||x||^4, or None.
+    scale: [D] the powers of two the shifted features were multiplied by,
+        or None for 1. The moments below are of x, in these units.
     """
 
     counts: Tensor
@@ -167,6 +352,7 @@ class ClassMoments:
     squares: Optional[Tensor] = None
     norm_sq_sums: Optional[Tensor] = None
     norm_quartic: Optional[Tensor] = None
+    scale: Optional[Tensor] = None
 
     @classmethod
     def zeros(
@@ -193,9 +379,9 @@ class ClassMoments:
         )
 
     def add_(self, features: Tensor, labels: Tensor) -> "ClassMoments":
-        """Add a batch in place: features [B, D] (shifted by ``self.shift``), int64 labels [B]."""
+        """Add a batch in place: features [B, D] (shifted and scaled as set here), int64 labels [B]."""
         dtype = self.sums.dtype
-        for rows, x in _row_chunks(features, dtype, self.shift):
+        for rows, x in _row_chunks(features, dtype, self.shift, self.scale):
             y = labels[rows]
             # index_add_ rather than bincount: bincount reads the largest label to the host.
             self.counts.index_add_(0, y, torch.ones_like(y, dtype=dtype))
@@ -221,6 +407,8 @@ class ClassMoments:
     def feature_mean(self) -> Tensor:
         """Mean [D] of the features themselves."""
         mu = self.mean()
+        if self.scale is not None:
+            mu = mu / self.scale.to(mu.dtype)
         return mu if self.shift is None else mu + self.shift
 
     def full_gram(self) -> Tensor:
@@ -228,7 +416,7 @@ class ClassMoments:
         return symmetric(self.gram)
 
     def covariance(self) -> Tensor:
-        """Covariance [D, D] of the features, normalised by N (the MLE)."""
+        """Covariance [D, D] of x (of the features, in ``scale`` units), normalised by N (the MLE)."""
         mu = self.mean()
         return self.full_gram() / self.num_samples - torch.outer(mu, mu)
 
@@ -247,15 +435,24 @@ class ClassMoments:
         return torch.where(present, 1.0 / (self.num_samples * safe), torch.zeros_like(safe))
 
 
-def _moments(f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, **which: bool) -> ClassMoments:
-    """Moments of features [N, D] minus their mean, labels [N] in 0..num_classes-1."""
+def _moments(
+    f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, frame: Frame, **which: bool
+) -> ClassMoments:
+    """Moments of features [N, D] in ``frame``, labels [N] in 0..num_classes-1."""
     m = ClassMoments.zeros(f.shape[1], num_classes, dtype=dtype, device=f.device, **which)
-    m.shift = feature_mean(f, dtype)
+    m.shift, m.scale = frame.shift, frame.scale
     return m.add_(f, y)
 
 
 def _constant_columns(var: Tensor, mean: Tensor) -> Tensor:
-    """[D] bool: columns whose variance is round-off of their mean square (var + mean^2)."""
+    """[D] bool: columns whose variance is round-off of their second moment about the shift.
+
+    ``mean`` is the column mean of the shifted data, so var + mean^2 is the
+    mean square the variance was computed from. A column of one repeated
+    value has var = 0 (when the shift hits it) or the round-off of
+    mean^2 - mean^2; the mean square of the raw column would also count as
+    constant every column whose spread is small next to its offset.
+    """
     eps = torch.finfo(var.dtype).eps
     return var <= CONSTANT_COLUMN_EPS * eps * (var + mean * mean)
 
@@ -357,7 +554,7 @@ def h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
     """
     cov = m.covariance()
     var = cov.diagonal()
-    constant = _constant_columns(var, m.feature_mean())
+    constant = _constant_columns(var, m.mean())
     scale = torch.where(constant, torch.zeros_like(var), torch.where(constant, torch.ones_like(var), var).rsqrt())
     corr = cov * scale[:, None] * scale[None, :]
     lam, vec = torch.linalg.eigh(corr)
@@ -365,11 +562,15 @@ def h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
     return (m.between_weights()[:, None] * proj * proj * _pinv_diagonal(lam, rcond)).sum()
 
 
-def _dual_standardised(f: Tensor, dtype: torch.dtype, standardise: bool) -> Tensor:
-    """Centred (and optionally standardised) features [N, D] in ``dtype``, for N <= D."""
-    x = f.to(dtype)
-    mean = feature_mean(f, dtype)
-    x = x - mean
+def _dual_standardised(f: Tensor, dtype: torch.dtype, frame: Frame, standardise: bool) -> Tensor:
+    """Centred (and optionally standardised) features [N, D] in ``dtype``, for N <= D.
+
+    Centred in two steps: the frame's shift, then the mean of what is left,
+    which the shift missed by the last digits of any offset.
+    """
+    x = framed(f, dtype, frame.shift, frame.scale)
+    mean = x.mean(0)
+    x -= mean
     if standardise:
         var = (x * x).mean(0)
         constant = _constant_columns(var, mean)
@@ -391,13 +592,15 @@ def _inverse_counts(counts: Tensor) -> Tensor:
     return torch.where(present, 1.0 / torch.where(present, counts, torch.ones_like(counts)), torch.zeros_like(counts))
 
 
-def _h_score_dual(f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, rcond: float) -> Tensor:
+def _h_score_dual(
+    f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, rcond: float, frame: Frame
+) -> Tensor:
     """H-score for N <= D from the N x N Gram matrix of the standardised, centred features.
 
     With K = X X^T / N = U diag(lam) U^T, tr(cov^+ cov_between) equals
     sum over kept eigenvectors u_i of sum_c (u_i . 1_c)^2 / n_c.
     """
-    x = _dual_standardised(f, dtype, standardise=True)
+    x = _dual_standardised(f, dtype, frame, standardise=True)
     lam, u = torch.linalg.eigh(x @ x.T / x.shape[0])
     sums, counts = _class_sums_of_rows(u, y, num_classes)
     keep = _pinv_diagonal(lam, rcond) > 0
@@ -426,16 +629,21 @@ def h_score(
         normalised by N (the ratio does not depend on the normalisation).
         Columns are standardised before the pseudo-inverse and constant
         columns are dropped; for full-rank features this is exactly the
-        paper's score, which is invariant to rescaling the features.
+        paper's score, which is invariant to rescaling the features (and
+        to shifting them): any magnitude and offset give the same score.
     """
     dtype, device = _resolve(dtype, device)
     rcond = _rcond(rcond, dtype)
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     with torch.no_grad():
+        # One power of two per column: the score standardises the columns anyway.
+        frame = make_frame(f, dtype, per_column=True, power=2)
         if inputs.num_samples <= inputs.num_features:
-            return _h_score_dual(f, y, c, dtype, rcond)
-        return h_score_from_moments(_moments(f, y, c, dtype, gram=True), rcond)
+            score = _h_score_dual(f, y, c, dtype, rcond, frame)
+        else:
+            score = h_score_from_moments(_moments(f, y, c, dtype, frame, gram=True), rcond)
+        return _finite(score, "H-score", frame.size)
 
 
 def _ledoit_wolf(
@@ -480,7 +688,9 @@ def regularized_h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
     return (1 - alpha) * (m.between_weights()[:, None] * proj * proj * _pinv_diagonal(shrunk, rcond)).sum()
 
 
-def _regularized_h_score_dual(f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, rcond: float) -> Tensor:
+def _regularized_h_score_dual(
+    f: Tensor, y: Tensor, num_classes: int, dtype: torch.dtype, rcond: float, frame: Frame
+) -> Tensor:
     """Shrinkage H-score for N <= D, from the N x N Gram matrix K = X X^T / N of centred features.
 
     S = X^T X / N shares its non-zero eigenvalues lam with K; the D - N others
@@ -488,7 +698,7 @@ def _regularized_h_score_dual(f: Tensor, y: Tensor, num_classes: int, dtype: tor
     from K, and the class offsets lie in the span of the eigenvectors of the
     non-zero eigenvalues, where their term is lam (u_i . 1_c)^2 / (n_c shrunk_i).
     """
-    x = _dual_standardised(f, dtype, standardise=False)
+    x = _dual_standardised(f, dtype, frame, standardise=False)
     n, p = x.shape
     k = x @ x.T / n
     lam, u = torch.linalg.eigh(k)
@@ -530,16 +740,23 @@ def regularized_h_score(
     Returns:
         0-dim tensor in [0, C - 1]. Larger is better. S and the
         between-class covariance are both normalised by N (the MLE, as
-        Ledoit-Wolf's S is).
+        Ledoit-Wolf's S is). Invariant to shifting the features and to
+        scaling them all by one factor: any magnitude gives the same score.
     """
     dtype, device = _resolve(dtype, device)
     rcond = _rcond(rcond, dtype)
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     with torch.no_grad():
+        # One power of two for all columns (the shrinkage target mu I is not
+        # invariant to scaling a column), sized for sums of ||x||^4.
+        frame = make_frame(f, dtype, per_column=False, power=4, largest=inputs.magnitude)
         if inputs.num_samples <= inputs.num_features:
-            return _regularized_h_score_dual(f, y, c, dtype, rcond)
-        return regularized_h_score_from_moments(_moments(f, y, c, dtype, gram=True, fourth=True), rcond)
+            score = _regularized_h_score_dual(f, y, c, dtype, rcond, frame)
+        else:
+            moments = _moments(f, y, c, dtype, frame, gram=True, fourth=True)
+            score = regularized_h_score_from_moments(moments, rcond)
+        return _finite(score, "regularized H-score", frame.size)
 
 
 # -- TransRate -------------------------------------------------------------------
@@ -553,11 +770,106 @@ def logdet_spd(a: Tensor) -> Tensor:
     return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
-def _coding_rates(gram: Tensor, counts: Tensor, eps: float) -> Tensor:
-    """[B]: 1/2 log det(I + G_c / (n_c eps)) for Gram matrices [B, K, K] of classes with counts [B] > 0."""
-    a = gram / (counts * eps)[:, None, None]
-    a.diagonal(dim1=-2, dim2=-1).add_(1)
-    return 0.5 * logdet_spd(a)
+#: Round-off in A = Z^T Z / (n eps) is about eps_machine ||A||: an
+#: eigenvalue that is 0 in exact arithmetic (Z of lower rank than K: fewer
+#: samples than dimensions, duplicated or constant columns) comes out about
+#: that size and adds about as much to log det(I + A). While eps_machine
+#: ||A||_F stays below this (per compute dtype) that is negligible, and one
+#: Cholesky factorisation gives log det(I + A); above it (features far from
+#: unit scale) see ``logdet_identity_plus_``. float32 tolerates more: its
+#: own round-off hides directions that the eigenvalue route would drop.
+RATE_ROUNDOFF = {torch.float64: 1e-8, torch.float32: 1.0}
+#: Eigenvalues of B (see ``logdet_identity_plus_``) up to this many times
+#: their round-off bound are taken as 0. Measured, the zeros of Gram
+#: matrices come out at up to about sqrt(K) eps_machine max(lam), the bound
+#: for entries that are round-off of their diagonal.
+ROUNDOFF_FACTOR = 4.0
+
+
+def logdet_identity_plus_(a: Tensor, noise: Optional[Tensor] = None) -> Tensor:
+    """[B]: log det(I + A) for symmetric PSD matrices A [B, K, K] (overwritten).
+
+    ``noise`` [B, K]: the magnitudes the round-off of A is relative to,
+    entry (i, j) about eps_machine sqrt(noise_i noise_j); by default diag(A)
+    (a Gram matrix summed directly). Matrices built from sums about another
+    point (the accumulators' centring algebra) pass larger ones.
+
+    Where round-off can matter (eps_machine ||A||_F > RATE_ROUNDOFF), it is
+    read from B = D^-1/2 A D^-1/2 (D = diag(A)), whose unit diagonal keeps
+    badly scaled columns harmless: round-off moves B by up to about
+    eps_machine rho_i rho_j, rho_i^2 = noise_i / D_i, so eigenvalues of B up
+    to ROUNDOFF_FACTOR eps_machine max(rho) ||rho|| max(lam) are round-off.
+    (Columns whose D_i is itself round-off of noise_i are 0: unresolved.)
+    A Cholesky factorisation of B minus that bound tells whether every
+    eigenvalue stands above it; if so, or where round-off is negligible
+    anyway, one Cholesky factorisation of I + A gives the log det.
+    Otherwise B = V diag(lam) V^T loses the round-off eigenvalues, which are
+    0 in exact arithmetic and which I + A would count as log(1 + round-off)
+    each (tens, for features at 1e30), and with U = D^1/2 V diag(lam)^1/2
+    the log det is that of I + U^T U (Sylvester's identity), whose dropped
+    columns are exactly 0.
+    """
+    eps = torch.finfo(a.dtype).eps
+    norm = torch.linalg.matrix_norm(a)
+    if noise is not None:
+        norm = torch.maximum(norm, noise.amax(-1))
+    suspect = norm * eps > RATE_ROUNDOFF[a.dtype]
+    if bool(suspect.any()):
+        sub = a[suspect]
+        b, d, floor = _correlation(sub, None if noise is None else noise[suspect])
+        # Unresolved columns (d = 0) are round-off: 0 in A too, whichever way it goes on.
+        live = d > 0
+        a[suspect] = torch.where(live[:, :, None] & live[:, None, :], sub, torch.zeros_like(sub))
+        probe = -(floor * torch.linalg.matrix_norm(b))[:, None] * live + (~live).to(a.dtype)
+        _, info = torch.linalg.cholesky_ex(b + torch.diag_embed(probe))
+        suspect[suspect.clone()] = info != 0
+    if not bool(suspect.any()):
+        a.diagonal(dim1=-2, dim2=-1).add_(1)
+        return logdet_spd(a)
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    clean = ~suspect
+    if bool(clean.any()):
+        plus = a[clean]
+        plus.diagonal(dim1=-2, dim2=-1).add_(1)
+        out[clean] = logdet_spd(plus)
+    b, d, floor = _correlation(a[suspect], None if noise is None else noise[suspect])
+    lam, vec = torch.linalg.eigh(b)
+    kept = torch.where(lam > floor[:, None] * lam.amax(-1, keepdim=True), lam, torch.zeros_like(lam))
+    u = d.sqrt()[:, :, None] * vec * kept.sqrt()[:, None, :]
+    m = u.transpose(1, 2) @ u
+    m.diagonal(dim1=-2, dim2=-1).add_(1)
+    out[suspect] = logdet_spd(m)
+    return out
+
+
+def _correlation(a: Tensor, noise: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B = D^-1/2 A D^-1/2 [B, K, K], the diagonal D [B, K], B's round-off bound [B]).
+
+    Columns whose diagonal is 0, or round-off of ``noise``, are 0 in B and D.
+    """
+    eps = torch.finfo(a.dtype).eps
+    d = a.diagonal(dim1=-2, dim2=-1).clone()
+    if noise is None:
+        noise = d
+    resolved = d > CONSTANT_COLUMN_EPS * eps * noise
+    d = torch.where(resolved, d, torch.zeros_like(d))
+    inv_root = torch.where(resolved, d.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), torch.zeros_like(d))
+    rho_sq = torch.where(resolved, noise * inv_root * inv_root, torch.zeros_like(d))  # 1 for a direct Gram
+    floor = ROUNDOFF_FACTOR * eps * (rho_sq.amax(-1) * rho_sq.sum(-1)).sqrt()
+    return a * inv_root[:, :, None] * inv_root[:, None, :], d, floor
+
+
+def _coding_rates(gram: Tensor, counts: Tensor, eps: float, noise: Optional[Tensor] = None) -> Tensor:
+    """[B]: 1/2 log det(I + G_c / (n_c eps)) for Gram matrices [B, K, K] of classes with counts [B] > 0.
+
+    ``noise`` [B, K]: see ``logdet_identity_plus_`` (in the units of gram).
+    NaN where an entry of G_c / (n_c eps) overflows (the caller raises).
+    """
+    scale = (counts * eps)[:, None]
+    a = gram / scale[:, :, None]
+    if not bool(torch.isfinite(a).all()):
+        return torch.full(a.shape[:1], float("nan"), dtype=a.dtype, device=a.device)
+    return 0.5 * logdet_identity_plus_(a, None if noise is None else noise / scale)
 
 
 def class_gram_blocks(
@@ -570,8 +882,10 @@ def class_gram_blocks(
     dual: bool,
     total: Optional[Tensor] = None,
     budget: int = BLOCK_BYTES,
+    scale: Optional[Tensor] = None,
+    centre: Optional[Tensor] = None,
 ) -> Iterator[Tuple[Tensor, Tensor]]:
-    """Per-class Gram matrices of x = f - shift, a block of classes at a time.
+    """Per-class Gram matrices of x = (f - shift) * scale - centre (see ``framed``), a block of classes at a time.
 
     Yields (class ids [B], grams [B, K, K]) for every class with samples:
     K = D (x_c^T x_c) or, when ``dual`` and the block's largest class has
@@ -632,9 +946,8 @@ def class_gram_blocks(
             j = offset + torch.arange(window, device=device)
             valid = j[None, :] < block_sizes[:, None]  # [B, R]
             rows = order[(block_starts[:, None] + j[None, :])[valid]]
-            x = f[rows].to(dtype)
             padded = torch.zeros(num, window, d, dtype=dtype, device=device)
-            padded[valid] = x if shift is None else x - shift
+            padded[valid] = framed(f[rows], dtype, shift, scale, centre)
             if use_dual:
                 grams += padded @ padded.transpose(1, 2)
                 if total is not None:
@@ -647,8 +960,49 @@ def class_gram_blocks(
         b = e
 
 
+def _pow10(log2_value: float) -> str:
+    """2**log2_value written as a decimal, even where it overflows a float."""
+    exponent10 = log2_value * math.log10(2)
+    whole = math.floor(exponent10)
+    return f"{10 ** (exponent10 - whole):.2g}e{whole:+d}"
+
+
+def rate_eps(eps: float, log2_scale: float, spread: float, n: int, dtype: torch.dtype) -> Tuple[float, float]:
+    """(g, eps_f): Z^T Z / (k eps) of the features is (G g) / (k eps_f) of their Gram matrices G in the frame.
+
+    G are Gram matrices of x = z * 2**log2_scale; ``spread`` is the largest
+    diagonal entry of the whole data's centred G / N. For features of
+    moderate magnitude (no scaling) g = 1 and eps_f = eps: the arithmetic of
+    the unscaled features, bitwise. Otherwise the power of two g brings the
+    spread near 1 and eps_f = eps 4**log2_scale / g, a number of the size of
+    1 / (Z^T Z / (N eps)): it is out of range exactly when that is.
+
+    Raises ValueError when Z^T Z / (N eps) overflows ``dtype`` (eps_f is
+    not a normal number): TransRate's eps is absolute, so features far from
+    unit scale need a larger eps (or rescaling). When it underflows (tiny
+    features), eps_f is capped: every coding rate is then log det(I + ~0) =
+    0, as it is to working precision.
+    """
+    if log2_scale == 0:
+        return 1.0, eps
+    limit = SCALE_LIMIT[dtype]
+    j = math.frexp(spread)[1] if spread > 0 else 0
+    log2_eps_f = math.log2(eps) + 2 * log2_scale - j
+    if log2_eps_f < math.log2(torch.finfo(dtype).tiny) + 1:
+        raise ValueError(
+            f"TransRate: features with a spread (RMS about their mean) of "
+            f"{_pow10(0.5 * math.log2(max(spread, 2.0 ** -1074)) - log2_scale)} make Z^T Z / (N eps) "
+            f"overflow {dtype} with eps={eps:g}. TransRate is not scale-invariant (eps is absolute): "
+            "divide the features by a constant (towards unit scale) or raise eps"
+        )
+    if log2_eps_f > limit:
+        return 1.0, 2.0 ** limit
+    return 2.0 ** -j, math.ldexp(eps, int(2 * log2_scale - j))
+
+
 def transrate_from_class_grams(
-    class_grams: Tensor, sums: Tensor, counts: Tensor, eps: float, budget: int = BLOCK_BYTES
+    class_grams: Tensor, sums: Tensor, counts: Tensor, eps: float, budget: int = BLOCK_BYTES,
+    *, log2_scale: float = 0,
 ) -> Tensor:
     """TransRate from per-class sums of x x^T [C, D, D], class sums [C, D] and counts [C].
 
@@ -656,12 +1010,22 @@ def transrate_from_class_grams(
     Z_c^T Z_c = G_c - s_c mu^T - mu s_c^T + n_c mu mu^T; their sum over
     classes is the whole data's Z^T Z = G - N mu mu^T. Classes are taken a
     block at a time so that the centred copies stay within ``budget`` bytes.
+    The sums may be of any shift of the features (the score is
+    shift-invariant), scaled by 2**log2_scale (``rate_eps`` scales eps).
     """
     c, d = sums.shape
     n = counts.sum()
     mu = sums.sum(0) / n
     outer = torch.outer(mu, mu)
-    whole = _coding_rates((class_grams.sum(0) - n * outer)[None], n.reshape(1), eps)[0]
+    second = class_grams.diagonal(dim1=1, dim2=2)  # [C, D]
+    whole_gram = class_grams.sum(0) - n * outer
+    g, eps_f = rate_eps(eps, log2_scale, float(whole_gram.diagonal().amax() / n), int(n.item()), sums.dtype)
+    # The centring is algebra on sums about another point: its round-off is
+    # relative to those sums, not to the (possibly much smaller) centred ones.
+    noise = (second.sum(0) + n * mu * mu)[None] * g
+    if g != 1.0:
+        whole_gram *= g
+    whole = _coding_rates(whole_gram[None], n.reshape(1), eps_f, noise)[0]
     cond = torch.zeros((), dtype=sums.dtype, device=sums.device)
     step = max(1, budget // max(1, 3 * d * d * _itemsize(sums.dtype)))
     for start in range(0, c, step):  # blocks of classes, to bound memory
@@ -669,8 +1033,11 @@ def transrate_from_class_grams(
         k = counts[rows]
         cross = sums[rows, :, None] * mu[None, None, :]  # s_c mu^T
         centred = class_grams[rows] - cross - cross.transpose(1, 2) + k[:, None, None] * outer
+        noise = (second[rows] + 2 * (sums[rows] * mu).abs() + k[:, None] * mu * mu) * g
+        if g != 1.0:
+            centred *= g
         present = k > 0
-        rates = _coding_rates(centred, torch.where(present, k, torch.ones_like(k)), eps)
+        rates = _coding_rates(centred, torch.where(present, k, torch.ones_like(k)), eps_f, noise)
         cond = cond + torch.where(present, k / n * rates, torch.zeros_like(k)).sum()
     return whole - cond
 
@@ -702,7 +1069,10 @@ def transrate(
         dtype, device: compute precision (float64) and device.
 
     Returns:
-        0-dim tensor, >= 0. Larger is better.
+        0-dim tensor, >= 0 up to round-off. Larger is better. Invariant to
+        shifting the features. eps is absolute, so the score depends on the
+        features' scale; features whose Z^T Z / (N eps) overflows the
+        compute dtype raise a ValueError.
     """
     dtype, device = _resolve(dtype, device)
     eps = _positive(eps, "eps")
@@ -710,39 +1080,98 @@ def transrate(
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     n = inputs.num_samples
     with torch.no_grad():
-        mean = feature_mean(f, dtype)
+        # Z is the rows themselves, not moments: centre them to the last digit (``centre``).
+        frame = make_frame(f, dtype, per_column=False, power=2, centre=True, largest=inputs.magnitude)
+        g, eps_f = rate_eps(eps, float(frame.log2_scale[0]), frame.spread, n, dtype)
+        where = dict(scale=frame.scale, centre=frame.centre)
         counts = torch.zeros(c, dtype=dtype, device=f.device).index_add_(0, y, torch.ones_like(y, dtype=dtype))
         counts_host = [int(v) for v in counts.tolist()]
         cond = torch.zeros((), dtype=dtype, device=f.device)
         # With N > D the class blocks also sum the whole data's D x D Gram matrix.
         whole = torch.zeros(f.shape[1], f.shape[1], dtype=dtype, device=f.device) if n > f.shape[1] else None
-        for ids, grams in class_gram_blocks(f, y, counts_host, mean, dtype, dual=True, total=whole):
-            cond = cond + (counts[ids] / n * _coding_rates(grams, counts[ids], eps)).sum()
+        for ids, grams in class_gram_blocks(f, y, counts_host, frame.shift, dtype, dual=True, total=whole, **where):
+            if g != 1.0:
+                grams *= g
+            cond = cond + (counts[ids] / n * _coding_rates(grams, counts[ids], eps_f)).sum()
         if whole is None:  # N <= D: the N x N Gram matrix of all rows
-            for _, gram in class_gram_blocks(f, torch.zeros_like(y), [n], mean, dtype, dual=True):
+            for _, gram in class_gram_blocks(f, torch.zeros_like(y), [n], frame.shift, dtype, dual=True, **where):
                 whole = gram[0]
         else:
             whole = symmetric(whole)
-        return _coding_rates(whole[None], counts.new_full((1,), n), eps)[0] - cond
+        if g != 1.0:
+            whole *= g
+        score = _coding_rates(whole[None], counts.new_full((1,), n), eps_f)[0] - cond
+        return _finite(score, "TransRate", frame.size, "divide the features by a constant or raise eps")
 
 
 # -- GBC -----------------------------------------------------------------------------
 
 
+def variance_floor(
+    min_variance: float, scale: Optional[Tensor], d: int, dtype: torch.dtype, device: torch.device
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """GBC's floor [D] in the units of features scaled by ``scale`` [D], and a lift [D] or None.
+
+    The floor of column j is min_variance * scale_j^2. For features of
+    moderate magnitude (scale None) it is min_variance itself. Where it
+    would underflow (huge features) the column's means and variances are
+    multiplied by lift_j^2 = 4**l (l at most what keeps them finite) and the
+    floor with them; where it would overflow (tiny features) it is capped
+    far above every variance, which leaves every term as it is to working
+    precision. The Bhattacharyya distance is invariant to scaling a column
+    together with its floor, so none of this changes the score.
+
+    Raises ValueError when even the lifted floor underflows.
+    """
+    if scale is None:
+        return torch.full((d,), min_variance, dtype=dtype, device=device), None
+    limit = SCALE_LIMIT[dtype]
+    twice = 2 * log2_of(scale).to(device)  # the floor's exponent, less log2(min_variance)
+    exponent = math.log2(min_variance) + twice
+    lift = ((-limit - exponent) / 2).ceil().clamp(0, (limit - 4) // 2)
+    if bool((exponent + 2 * lift < -limit).any()):
+        size = float(-log2_of(scale).amin())
+        raise ValueError(
+            f"GBC: features of magnitude up to {_pow10(size)} are too large for min_variance={min_variance:g} "
+            f"in {dtype}: the variance floor, scaled with them, underflows. GBC's floor is absolute (it "
+            "assumes features of about unit scale): divide the features by a constant or raise min_variance"
+        )
+    floor = torch.where(
+        exponent + 2 * lift > limit,
+        torch.full_like(exponent, 2.0 ** limit),
+        torch.ldexp(torch.full_like(exponent, min_variance), twice + 2 * lift),
+    )
+    factor = torch.ldexp(torch.ones_like(lift), lift) if bool((lift > 0).any()) else None
+    return floor.to(dtype), None if factor is None else factor.to(dtype)
+
+
 def gbc_from_moments(counts: Tensor, sums: Tensor, squares: Tensor, min_variance: float,
-                     budget: int = BLOCK_BYTES) -> Tensor:
+                     budget: int = BLOCK_BYTES, *, scale: Optional[Tensor] = None) -> Tensor:
     """GBC from per-class counts [C], sums [C, D] and sums of squares [C, D] (of shifted features).
 
-    The Bhattacharyya coefficient is symmetric, so only pairs i < j are
-    evaluated (and counted twice): a block of classes i against the classes
-    from the block's first one on, [B, C - start, D] at a time, with B chosen
-    so that a block's temporaries stay within ``budget`` bytes.
+    ``scale`` [D]: the powers of two the shifted features were multiplied by
+    (None: 1); see ``variance_floor``. The Bhattacharyya coefficient is
+    symmetric, so only pairs i < j are evaluated (and counted twice): a
+    block of classes i against the classes from the block's first one on,
+    [B, C - start, D] at a time, with B chosen so that a block's
+    temporaries stay within ``budget`` bytes.
     """
     c, d = sums.shape
     present = counts > 0
     safe = torch.where(present, counts, torch.ones_like(counts))[:, None]
     mean = sums / safe
-    var = (squares / safe - mean * mean).clamp_min(min_variance)
+    second = squares / safe
+    var = second - mean * mean
+    # A variance within round-off of the class's second moment about the shift
+    # is that of a column constant within the class: 0, which the floor then
+    # replaces, as it would for exact data.
+    eps = torch.finfo(var.dtype).eps
+    var = torch.where(var > CONSTANT_COLUMN_EPS * eps * second, var, torch.zeros_like(var))
+    floor, lift = variance_floor(min_variance, scale, d, var.dtype, var.device)
+    if lift is not None:
+        mean = mean * lift
+        var = var * (lift * lift)
+    var = torch.maximum(var, floor)
     quarter_logdet = 0.25 * var.log().sum(1)  # [C]: 1/4 log det diag(v_c)
     # At least 8 blocks when there are classes enough: later blocks skip the pairs already done.
     step = max(1, min(-(-c // 8), budget // max(1, 3 * c * d * _itemsize(sums.dtype))))
@@ -789,10 +1218,16 @@ def gbc(
 
     Returns:
         0-dim tensor in [-C (C - 1), 0]. Larger (closer to 0) is better.
+        Invariant to shifting the features. A ValueError when the floor,
+        relative to the features' magnitude, underflows the compute dtype.
     """
     dtype, device = _resolve(dtype, device)
     min_variance = _positive(min_variance, "min_variance")
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    f = inputs.features
     with torch.no_grad():
-        m = _moments(inputs.features, inputs.targets, inputs.num_columns, dtype, squares=True)
-        return gbc_from_moments(m.counts, m.sums, m.squares, min_variance)
+        # Diagonal covariances: one power of two per column (the floor is scaled with it).
+        frame = make_frame(f, dtype, per_column=True, power=2)
+        m = _moments(f, inputs.targets, inputs.num_columns, dtype, frame, squares=True)
+        score = gbc_from_moments(m.counts, m.sums, m.squares, min_variance, scale=frame.scale)
+        return _finite(score, "GBC", frame.size)

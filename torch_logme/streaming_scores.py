@@ -14,14 +14,18 @@ on data not seen yet. The log of a sum has no finite set of sufficient
 statistics; LEEP needs either all the probabilities [N, Cs] at once or two
 passes over the data (one for the joint, one for the log terms).
 
-Precision: the streaming sums are of the raw features (the functional
-scores subtract the mean first). When the features sit far from 0 compared
-with their spread, the covariances formed from the sums lose digits to
-cancellation; every score here is shift-invariant, so subtracting any fixed
-vector close to the mean from every batch before ``update`` avoids it.
+Precision: the feature accumulators sum x = (features - shift) * scale,
+as the functional scores do (see ``torch_logme.scores``): the shift [D] is
+the first batch's mean, so features far from 0 compared with their spread
+keep their digits, and the scale [D] is a power of two taken from the first
+batch's magnitude (1 for features of moderate size), so that features of
+any magnitude neither overflow nor underflow the sums. Accumulators (or
+ranks) with different shifts and scales are brought to one before their
+sums are added; both changes are exact algebra on the sums.
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -31,15 +35,23 @@ from torch import Tensor
 from ._checks import as_tensor, prepare, prepare_label_pair
 from ._options import make_options
 from .scores import (
+    SCALE_LIMIT,
     ClassMoments,
     _positive,
     _rcond,
     class_gram_blocks,
+    framed,
     gbc_from_moments,
     h_score_from_moments,
+    log2_of,
+    magnitude,
     nce_from_counts,
+    pow2_scale,
     regularized_h_score_from_moments,
+    scale_band,
+    symmetric,
     transrate_from_class_grams,
+    work_dtype,
 )
 from .streaming import SumAccumulator, _distributed_ready
 from .statistics import add_rows_
@@ -219,9 +231,22 @@ class NCEAccumulator(_NamedSums):
 
 
 class _FeatureSums(_NamedSums):
-    """Features [B, D] and class labels [B] into per-class sums (a ClassMoments)."""
+    """Features [B, D] and class labels [B] into per-class sums (a ClassMoments) in a frame.
 
+    The sums are of x = (features - shift) * scale. The shift [D] (float64)
+    is the first batch's mean (``SumAccumulator._take_shift``); the scale
+    [D] (float64 powers of two) comes from the first batch's magnitude:
+    one per column (``_PER_COLUMN``) or one for all, 1 inside the band of
+    magnitudes whose sums of ``_POWER``-th powers need none. Subclasses
+    give ``_recentre`` (the sums of x + delta) and ``_rescale`` (the sums
+    of x * factor); merge and sync bring every accumulator to the coarsest
+    scale and to one shift with them.
+    """
+
+    _SHIFTED = True
     _MOMENTS: Dict[str, bool] = {}
+    _POWER = 2
+    _PER_COLUMN = False
 
     def __init__(
         self,
@@ -233,6 +258,12 @@ class _FeatureSums(_NamedSums):
         sync_on_compute: bool,
         check_inputs: bool,
     ) -> None:
+        self._scale: Optional[Tensor] = None
+        # The common scale of the ranks while sync / compute reduce the sums.
+        self._target_scale: Optional[Tensor] = None
+        # Whether the scale may leave float32's range (it came from wider
+        # features), so that batches must be shifted in float64.
+        self._wide = False
         sizes = {
             "num_features": _positive_int(num_features, "num_features", optional=False),
             "num_classes": _positive_int(num_classes, "num_classes"),
@@ -249,6 +280,11 @@ class _FeatureSums(_NamedSums):
         """C: classes seen so far (or fixed)."""
         return self._dims["num_classes"]
 
+    @property
+    def scale(self) -> Optional[Tensor]:
+        """[D] the powers of two the shifted batches are multiplied by (None before the first batch)."""
+        return self._scale
+
     def update(self, features: Any, labels: Any) -> None:
         """Add a batch: features [B, D] (any float dtype), class ids [B]."""
         f = as_tensor(features, "features")
@@ -264,7 +300,29 @@ class _FeatureSums(_NamedSums):
         self._ensure_allocated_on(device)
         self._grow_to("num_classes", inputs.num_columns)
         with torch.no_grad():
-            self._add(inputs.features, inputs.targets)
+            shift = self._take_shift(inputs.features, torch.float64, device)
+            scale = self._take_scale(inputs.features, device)
+            # The batch is shifted in float64 unless it and the sums are float32 (and the scale fits).
+            work = torch.float64 if self._wide else work_dtype(inputs.features.dtype, self.dtype)
+            self._add(inputs.features, inputs.targets, shift.to(work), scale.to(work))
+
+    @torch.inference_mode(False)
+    def _take_scale(self, features: Tensor, device: torch.device) -> Tensor:
+        """The scale, set from this batch's magnitude when there is none yet (no host read)."""
+        if self._scale is None:
+            work = work_dtype(features.dtype, self.dtype)
+            size = magnitude(features)
+            if not self._PER_COLUMN:
+                size = size.amax().expand(size.shape[0])
+            self._scale = pow2_scale(size, scale_band(self.dtype, self._POWER), SCALE_LIMIT[work]).to(device)
+            self._wide = work == torch.float64
+        return self._scale
+
+    def _own_scale(self) -> Tensor:
+        """The scale of the local sums: 1 where none was set (sums of the features themselves)."""
+        if self._scale is not None:
+            return self._scale
+        return torch.ones(self.num_features, dtype=torch.float64, device=self._device(torch.device("cpu")))
 
     def _moments(self, states: Mapping[str, Tensor]) -> ClassMoments:
         return ClassMoments(
@@ -272,24 +330,177 @@ class _FeatureSums(_NamedSums):
             states.get("norm_sq_sums"), states.get("norm_quartic"),
         )
 
-    def _add(self, features: Tensor, labels: Tensor) -> None:
-        self._moments(self._states).add_(features, labels)
+    def _add(self, features: Tensor, labels: Tensor, shift: Tensor, scale: Tensor) -> None:
+        moments = self._moments(self._states)
+        moments.shift, moments.scale = shift, scale
+        moments.add_(features, labels)
 
+    # -- frames: recentring and rescaling the sums ---------------------------------
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        """New states: the sums of x + delta [D] (in the states' dtype and scaled units)."""
+        raise NotImplementedError
+
+    def _rescale(self, states: Mapping[str, Tensor], factor: Tensor) -> Dict[str, Tensor]:
+        """New states: the sums of x * factor [D] (powers of two, so exact)."""
+        raise NotImplementedError
+
+    def _states_at(self, shift: Optional[Tensor]) -> "OrderedDict[str, Tensor]":
+        """The local states about ``shift``, at the ranks' common scale while syncing.
+
+        Overrides the base class's, which knows the shift only: the sums are
+        first brought to ``_target_scale`` (set by ``_common_shift``), then
+        moved by delta = (own shift - shift) * scale, in scaled units.
+        """
+        states: "OrderedDict[str, Tensor]" = self._states
+        if self._shift is None:  # nothing summed: zeros in any frame
+            return states
+        scale = self._own_scale()
+        if self._target_scale is not None:
+            target = self._target_scale.to(scale.device)
+            if not torch.equal(target, scale):
+                states = OrderedDict(self._rescale(states, (target / scale).to(self.dtype)))
+                scale = target
+        if shift is None:
+            return states
+        shift = shift.to(self._shift.device, torch.float64)
+        if torch.equal(self._shift, shift):
+            return states
+        delta = ((self._shift - shift) * scale).to(self.dtype)
+        moved = self._recentre(states, delta)
+        return OrderedDict((name, moved[name]) for name in states)
+
+    def _common_shift(self, group: Any, device: torch.device) -> Optional[Tensor]:
+        """The mean of the ranks' shifts, in float64; also sets the common scale, their minimum.
+
+        Overrides the base class's (which returns the shift in the states'
+        dtype: a float32 copy of a float64 shift loses the digits it keeps).
+        Two all_reduce calls; ranks without a batch do not count.
+        """
+        dist = torch.distributed
+        d = self.num_features
+        packed = torch.zeros(d + 1, dtype=torch.float64, device=device)
+        if self._shift is not None:
+            packed[:d] = self._shift.to(device, torch.float64)
+            packed[d] = 1
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        scale = torch.full((d,), float("inf"), dtype=torch.float64, device=device)
+        if self._shift is not None:
+            scale.copy_(self._own_scale())
+        dist.all_reduce(scale, op=dist.ReduceOp.MIN, group=group)
+        count = float(packed[d].item())
+        if count == 0:
+            self._target_scale = None
+            return None
+        self._target_scale = scale
+        return packed[:d] / count
+
+    def merge(self, other: "SumAccumulator") -> "SumAccumulator":
+        """Add another accumulator's sums into this one (same type and settings), at the coarser scale."""
+        if type(other) is not type(self) or other._config() != self._config() or other._shift is None:
+            return super().merge(other)  # a mismatch raises; an accumulator without batches adds zeros
+        assert isinstance(other, _FeatureSums)
+        self._ensure_allocated()
+        other._ensure_allocated()
+        device = next(iter(self._states.values())).device
+        theirs = other._own_scale().to(device)
+        if self._shift is None:  # nothing summed here: take their scale (the base class takes their shift)
+            self._scale = theirs.clone()
+            self._wide = other._wide
+            return super().merge(other)
+        mine = self._own_scale()
+        target = torch.minimum(mine, theirs)
+        if not torch.equal(target, mine):
+            for name, value in self._rescale(self._states, (target / mine).to(self.dtype)).items():
+                self._states[name].copy_(value)
+            self._scale = target
+        self._wide = self._wide or other._wide
+        if not torch.equal(target, theirs):  # a copy of theirs at this scale; theirs stays as it is
+            other_device = next(iter(other._states.values())).device
+            factor = (target / theirs).to(other_device, other.dtype)
+            proxy = copy.copy(other)
+            proxy._states = OrderedDict(other._rescale(other._states, factor))
+            proxy._scale = target.to(other_device)
+            other = proxy
+        return super().merge(other)
+
+    def sync(self, group: Any = None) -> "SumAccumulator":
+        """Replace the local sums with their sum over ``group``, at the ranks' common shift and scale."""
+        try:
+            super().sync(group)
+            if self._target_scale is not None:
+                self._scale = self._target_scale
+                self._wide = self._wide or bool((log2_of(self._scale).abs() > SCALE_LIMIT[torch.float32]).any())
+        finally:
+            self._target_scale = None
+        return self
+
+    def compute(self) -> Tensor:  # type: ignore[override]
+        """The score of every batch so far (0-dim; summed over ranks when distributed)."""
+        try:
+            return super().compute()
+        finally:
+            self._target_scale = None
+
+    def reset(self) -> None:
+        """Zero every sum, keeping sizes, device and dtype; the next batch sets a new shift and scale."""
+        super().reset()
+        self._scale = None
+        self._wide = False
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Copies of the sums, shift and scale plus the settings, for checkpoints."""
+        out = super().state_dict()
+        out["scale"] = None if self._scale is None else self._scale.detach().clone()
+        out["wide"] = self._wide
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore sums saved by ``state_dict`` (settings must match)."""
+        super().load_state_dict(state)
+        device = next(iter(self._states.values())).device
+        saved = state.get("scale")
+        self._scale = None if saved is None else torch.as_tensor(saved).to(device, torch.float64).clone()
+        self._wide = bool(state.get("wide", True))
+        if self._shift is None and any(bool(v.ne(0).any()) for v in self._states.values()):
+            # Sums saved before accumulators had a shift: of the features themselves, about 0.
+            self._shift = torch.zeros(self.num_features, dtype=torch.float64, device=device)
+        if self._shift is not None and self._scale is None:
+            self._scale = torch.ones(self.num_features, dtype=torch.float64, device=device)
+            self._wide = True
+
+    # -- the score -----------------------------------------------------------------
     def _compute(self, states: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
         n = int(states["counts"].sum().item())
         if n < 2:
             raise ValueError(f"{self._NAME} needs at least 2 samples, got N = {n}; call update() first")
-        if not bool(self._second_moments(states).gt(0).any()):
+        sums = [v for k, v in states.items() if k != "shift"]
+        if not all(bool(torch.isfinite(v).all()) for v in sums):
+            raise ValueError(
+                f"{self._NAME}: the accumulated sums overflowed {self.dtype}: a batch was far larger than the "
+                "first one, which set the accumulator's scale; divide the features by a constant, or feed a "
+                "batch of typical magnitude first"
+            )
+        shift = states.get("shift")
+        if not bool(self._second_moments(states).gt(0).any()) and (shift is None or not bool(shift.ne(0).any())):
             raise ValueError("features are all zero (rank 0); expected features with at least one non-zero value")
+        scale = self._target_scale if self._target_scale is not None else self._scale
+        if scale is not None and bool((scale == 1).all()):
+            scale = None
         with torch.no_grad():
-            return self._score(states)
+            score = self._score(states, scale)
+        if not bool(torch.isfinite(score)):
+            raise ValueError(
+                f"{self._NAME} came out {float(score)}: the features' sums exceed the range of {self.dtype}; "
+                "divide the features by a constant (or use float64)"
+            )
+        return score
 
     _NAME = ""
 
     def _second_moments(self, states: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _score(self, states: Mapping[str, Tensor]) -> Tensor:
+    def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
 
@@ -308,15 +519,18 @@ _ARGS_DOC = """
 
 
 class HScoreAccumulator(_FeatureSums):
-    __doc__ = """Streaming H-score: keeps F^T F [D, D], class sums [C, D] and counts [C].
+    __doc__ = """Streaming H-score: keeps X^T X [D, D], class sums [C, D] and counts [C].
 
-    ``compute()`` equals :func:`torch_logme.h_score` on all batches (the
-    primal, D x D form). ``rcond`` as there.
+    X are the features minus the first batch's mean, scaled per column by
+    a power of two when their magnitude needs it. ``compute()`` equals
+    :func:`torch_logme.h_score` on all batches (the primal, D x D form),
+    whatever the features' offset and magnitude. ``rcond`` as there.
     """ + _ARGS_DOC
 
     _AXES = {"counts": ("num_classes",), "sums": ("num_classes", "num_features"),
              "gram": ("num_features", "num_features")}
     _NAME = "H-score"
+    _PER_COLUMN = True  # the score standardises every column
 
     def __init__(
         self,
@@ -336,7 +550,18 @@ class HScoreAccumulator(_FeatureSums):
     def _second_moments(self, states: Mapping[str, Tensor]) -> Tensor:
         return states["gram"].diagonal()
 
-    def _score(self, states: Mapping[str, Tensor]) -> Tensor:
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        # sum (x + d)(x + d)^T = G + s d^T + d s^T + N d d^T (the upper triangle stays exact);
+        # class sums gain n_c d.
+        counts, sums = states["counts"], states["sums"]
+        cross = torch.outer(sums.sum(0), delta)
+        gram = states["gram"] + cross + cross.T + counts.sum() * torch.outer(delta, delta)
+        return dict(states, gram=gram, sums=sums + counts[:, None] * delta)
+
+    def _rescale(self, states: Mapping[str, Tensor], factor: Tensor) -> Dict[str, Tensor]:
+        return dict(states, gram=states["gram"] * torch.outer(factor, factor), sums=states["sums"] * factor)
+
+    def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
         return h_score_from_moments(self._moments(states), self.rcond)
 
 
@@ -345,14 +570,40 @@ class RegularizedHScoreAccumulator(HScoreAccumulator):
 
     The Ledoit-Wolf shrinkage needs sum_k ||x_k x_k^T - S||_F^2, which
     expands to sum_k ||x_k - mu||^4 - N ||S||_F^2: a fourth moment, but only
-    its trace, which the two extra sums give. ``compute()`` equals
+    its trace, which the two extra sums give. One power of two scales all
+    columns, sized for fourth powers. ``compute()`` equals
     :func:`torch_logme.regularized_h_score` on all batches.
     """ + _ARGS_DOC
 
     _AXES = dict(HScoreAccumulator._AXES, norm_sq_sums=("num_features",), norm_quartic=())
     _NAME = "regularized H-score"
+    _PER_COLUMN = False  # the shrinkage target mu I is not invariant to scaling one column
+    _POWER = 4
 
-    def _score(self, states: Mapping[str, Tensor]) -> Tensor:
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        # With y = x + d, ||y||^2 = q + 2 p + dd (q = ||x||^2, p = x.d, dd = ||d||^2), so
+        #   sum ||y||^2 y = sum q x + 2 G d + dd s + d (tr G + 2 s.d + N dd)
+        #   sum ||y||^4   = sum q^2 + 4 d^T G d + N dd^2 + 4 (sum q x).d + 2 dd tr G + 4 dd s.d
+        # with G = sum x x^T and s = sum x.
+        out = super()._recentre(states, delta)
+        gram = symmetric(states["gram"])
+        total, n = states["sums"].sum(0), states["counts"].sum()
+        norm_sq_sums, quartic = states["norm_sq_sums"], states["norm_quartic"]
+        g_d, s_d, d_d, trace = gram @ delta, total @ delta, delta @ delta, gram.trace()
+        out["norm_sq_sums"] = norm_sq_sums + 2 * g_d + d_d * total + delta * (trace + 2 * s_d + n * d_d)
+        out["norm_quartic"] = (
+            quartic + 4 * (delta @ g_d) + n * d_d * d_d + 4 * (norm_sq_sums @ delta) + 2 * d_d * trace + 4 * d_d * s_d
+        )
+        return out
+
+    def _rescale(self, states: Mapping[str, Tensor], factor: Tensor) -> Dict[str, Tensor]:
+        out = super()._rescale(states, factor)
+        one = factor[0]  # the same for every column
+        out["norm_sq_sums"] = states["norm_sq_sums"] * (factor * one * one)
+        out["norm_quartic"] = states["norm_quartic"] * (one * one * one * one)
+        return out
+
+    def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
         return regularized_h_score_from_moments(self._moments(states), self.rcond)
 
 
@@ -369,6 +620,7 @@ class TransRateAccumulator(_FeatureSums):
     _AXES = {"counts": ("num_classes",), "sums": ("num_classes", "num_features"),
              "class_grams": ("num_classes", "num_features", "num_features")}
     _NAME = "TransRate"
+    _PER_COLUMN = False  # log det(I + Z^T Z / (n eps)) is not invariant to scaling one column
 
     def __init__(
         self,
@@ -385,21 +637,39 @@ class TransRateAccumulator(_FeatureSums):
                          sync_on_compute=sync_on_compute, check_inputs=check_inputs)
         self.eps = _positive(eps, "eps")
 
-    def _add(self, features: Tensor, labels: Tensor) -> None:
+    def _add(self, features: Tensor, labels: Tensor, shift: Tensor, scale: Tensor) -> None:
         states = self._states
         ones = torch.ones_like(labels, dtype=self.dtype)
         batch_counts = torch.zeros_like(states["counts"]).index_add_(0, labels, ones)
         states["counts"].add_(batch_counts)
-        add_rows_(states["sums"], labels, features.to(self.dtype))
+        add_rows_(states["sums"], labels, framed(features, self.dtype, shift, scale))
         sizes = [int(v) for v in batch_counts.tolist()]
-        for ids, grams in class_gram_blocks(features, labels, sizes, None, self.dtype, dual=False):
+        for ids, grams in class_gram_blocks(features, labels, sizes, shift, self.dtype, dual=False, scale=scale):
             add_rows_(states["class_grams"], ids, grams)
 
     def _second_moments(self, states: Mapping[str, Tensor]) -> Tensor:
         return states["class_grams"].diagonal(dim1=1, dim2=2)
 
-    def _score(self, states: Mapping[str, Tensor]) -> Tensor:
-        return transrate_from_class_grams(states["class_grams"], states["sums"], states["counts"], self.eps)
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        # Per class: G_c + s_c d^T + d s_c^T + n_c d d^T, as batched rank-one updates of one copy.
+        counts, sums = states["counts"], states["sums"]
+        c, d = sums.shape
+        row = delta.expand(c, 1, d)
+        grams = states["class_grams"].clone()
+        grams.baddbmm_(sums[:, :, None], row)
+        grams.baddbmm_(row.transpose(1, 2), sums[:, None, :])
+        grams.baddbmm_((counts[:, None] * delta)[:, :, None], row)
+        return dict(states, class_grams=grams, sums=sums + counts[:, None] * delta)
+
+    def _rescale(self, states: Mapping[str, Tensor], factor: Tensor) -> Dict[str, Tensor]:
+        grams = states["class_grams"] * torch.outer(factor, factor)
+        return dict(states, class_grams=grams, sums=states["sums"] * factor)
+
+    def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
+        log2_scale = 0.0 if scale is None else float(log2_of(scale[:1]))
+        return transrate_from_class_grams(
+            states["class_grams"], states["sums"], states["counts"], self.eps, log2_scale=log2_scale
+        )
 
 
 class GBCAccumulator(_FeatureSums):
@@ -412,6 +682,7 @@ class GBCAccumulator(_FeatureSums):
     _AXES = {"counts": ("num_classes",), "sums": ("num_classes", "num_features"),
              "squares": ("num_classes", "num_features")}
     _NAME = "GBC"
+    _PER_COLUMN = True  # diagonal covariances: the floor is scaled with each column
 
     def __init__(
         self,
@@ -431,5 +702,17 @@ class GBCAccumulator(_FeatureSums):
     def _second_moments(self, states: Mapping[str, Tensor]) -> Tensor:
         return states["squares"]
 
-    def _score(self, states: Mapping[str, Tensor]) -> Tensor:
-        return gbc_from_moments(states["counts"], states["sums"], states["squares"], self.min_variance)
+    def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
+        # Per class: sum (x + d)^2 = squares_c + 2 d s_c + n_c d^2; sums gain n_c d.
+        counts, sums = states["counts"][:, None], states["sums"]
+        squares = states["squares"] + 2 * delta * sums + counts * (delta * delta)
+        return dict(states, squares=squares, sums=sums + counts * delta)
+
+    def _rescale(self, states: Mapping[str, Tensor], factor: Tensor) -> Dict[str, Tensor]:
+        return dict(states, squares=states["squares"] * (factor * factor), sums=states["sums"] * factor)
+
+    def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
+        return gbc_from_moments(
+            states["counts"], states["sums"], states["squares"], self.min_variance,
+            scale=None if scale is None else scale.to(states["sums"].device),
+        )
