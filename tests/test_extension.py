@@ -279,8 +279,6 @@ def op_args(device: str, *, whitened: bool, weights: bool):
 @pytest.mark.parametrize("whitened", [False, True], ids=["primal", "whitened"])
 @pytest.mark.parametrize("weights", [False, True], ids=["all", "weights"])
 def test_opcheck(compiled, whitened, weights):
-    if not hasattr(torch.library, "opcheck"):
-        pytest.skip("torch.library.opcheck needs torch >= 2.4")
     torch.library.opcheck(torch.ops.torch_logme.fixed_point.default, op_args(compiled, whitened=whitened, weights=weights))
 
 
