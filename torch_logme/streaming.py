@@ -31,6 +31,20 @@ def _distributed_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _default_device(hint: Optional[torch.device] = None) -> torch.device:
+    """Where lazily made states go when no ``device=`` was given.
+
+    ``hint`` (the device of the tensors being loaded or merged in) when
+    there is one; else the rank's GPU under NCCL, which reduces GPU tensors
+    only; else the CPU.
+    """
+    if hint is not None:
+        return hint
+    if _distributed_ready() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class SumAccumulator:
     """Named tensors that are sums over samples, with merge / state_dict / sync.
 
@@ -61,8 +75,14 @@ class SumAccumulator:
         raise NotImplementedError
 
     # -- shared mechanics ----------------------------------------------------
-    def _ensure_allocated(self) -> None:
-        """Create the states if they are made lazily (on the first update)."""
+    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
+        """Create the states if they are made lazily (on the first update).
+
+        Args:
+            device: where to make them when there are none yet and no
+                ``device=`` was given (the device of the tensors about to be
+                loaded or merged in); None: the default device.
+        """
 
     def _add_state(self, name: str, value: Tensor) -> None:
         self._states[name] = value
@@ -94,8 +114,8 @@ class SumAccumulator:
                 f"cannot merge {type(other).__name__}({other._config()}) into "
                 f"{type(self).__name__}({self._config()})"
             )
-        self._ensure_allocated()
         other._ensure_allocated()
+        self._ensure_allocated(_state_device(other._states))
         self._align(other._sizes(), "the other accumulator")
         for name, value in self._states.items():
             theirs = other._states[name].to(value.device)
@@ -113,8 +133,14 @@ class SumAccumulator:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore sums saved by ``state_dict`` (settings must match)."""
-        self._ensure_allocated()
+        """Restore sums saved by ``state_dict`` (settings must match).
+
+        An accumulator with no sums yet makes them on the device of the saved
+        tensors, unless it was given ``device=``: a state restored from a GPU
+        checkpoint keeps running on that GPU instead of copying every later
+        batch to the host. One that already has sums keeps their device.
+        """
+        self._ensure_allocated(_state_device(state))
         if state.get("config") != self._config():
             raise ValueError(f"state_dict settings {state.get('config')} do not match {self._config()}")
         sizes = state.get("sizes", {})
@@ -173,6 +199,14 @@ class SumAccumulator:
         if self.sync_on_compute and _distributed_ready():
             return self._compute(self._reduced_states(), **kwargs)
         return self._compute(self._states, **kwargs)
+
+
+def _state_device(state: Mapping[str, Any]) -> Optional[torch.device]:
+    """The device of the first tensor in a state (a state_dict or an accumulator's states)."""
+    for value in state.values():
+        if isinstance(value, Tensor):
+            return value.device
+    return None
 
 
 def _pad_to(value: Tensor, shape: torch.Size) -> Tensor:
@@ -295,12 +329,9 @@ class LogMEAccumulator(SumAccumulator):
             "dtype": str(self.options.dtype),
         }
 
-    def _ensure_allocated(self) -> None:
+    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
         if self._stats is None:
-            device = torch.device("cpu")
-            if _distributed_ready() and torch.distributed.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            self._allocate(device, self._fixed_columns or 0)
+            self._allocate(_default_device(device), self._fixed_columns or 0)
 
     # -- the torchmetrics-style API -------------------------------------------
     def check_batch(self, features: Any, targets: Any, device: Optional[torch.device] = None) -> Inputs:

@@ -41,7 +41,7 @@ from .scores import (
     regularized_h_score_from_moments,
     transrate_from_class_grams,
 )
-from .streaming import SumAccumulator, _distributed_ready
+from .streaming import SumAccumulator, _default_device
 from .statistics import add_rows_
 
 __all__ = [
@@ -106,12 +106,9 @@ class _NamedSums(SumAccumulator):
         )
         self._allocated = True
 
-    def _ensure_allocated(self) -> None:
+    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
         if not self._allocated:
-            device = torch.device("cpu")
-            if _distributed_ready() and torch.distributed.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            self._allocate(device)
+            self._allocate(_default_device(device))
 
     def _device(self, fallback: torch.device) -> torch.device:
         """Where the states are, or will be once the first batch passes its checks."""
