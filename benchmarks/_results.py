@@ -182,7 +182,9 @@ def missing_figures(results: Mapping[str, Any], mode: str) -> List[str]:
         # The figures must be of the sizes the GPU check promises, not smaller stand-ins.
         for path, want in GPU_SIZES:
             for where, value in _lookup(dict(results), path.split("."), ""):
-                if value is not KeyError and value != want:
+                if value is KeyError:
+                    problems.append(f"{where} (missing)")
+                elif value != want:
                     problems.append(f"{where} (is {value!r}, expected {want!r})")
     return list(dict.fromkeys(problems))  # a missing row is named once, not once per figure
 
