@@ -15,13 +15,17 @@ Build-time environment variables:
 
 - ``TORCH_LOGME_NO_EXTENSION=1``: build no library (pure-Python install).
 - ``TORCH_LOGME_CUDA=0`` / ``=1``: skip / require the CUDA kernel. By default
-  it is built when the installed torch has CUDA and nvcc is found; no GPU
-  needs to be visible.
+  it is built when the installed torch has CUDA and a CUDA toolkit of the
+  same major version is found; no GPU needs to be visible.
+- ``CUDA_HOME`` (or ``CUDA_PATH``): the CUDA toolkit. Default: the toolkit
+  of the ``nvcc`` on PATH (also when that nvcc is a wrapper script outside
+  the toolkit), else ``/usr/local/cuda``; see torch_logme/_toolkit.py.
 - ``TORCH_CUDA_ARCH_LIST``: GPU architectures, as for any torch extension
   (default: the visible GPUs, or a portable list when none is visible).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -48,6 +52,30 @@ def _say(message: str) -> None:
     print(f"torch_logme setup: {message}", file=sys.stderr)
 
 
+def _toolkit_module():
+    """torch_logme/_toolkit.py, loaded by path: the package itself may not import yet."""
+    name = "_torch_logme_toolkit"
+    spec = importlib.util.spec_from_file_location(name, here / "torch_logme" / "_toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def _use_cuda_toolkit(torch, cpp_extension) -> str | None:
+    """Point torch's extension builder at the real CUDA toolkit; None when ready, else why not.
+
+    torch guesses CUDA_HOME as the folder above the nvcc on PATH. Where that
+    nvcc is a wrapper script outside the toolkit the guess holds no
+    libcudart, and the link fails with "cannot find -lcudart".
+    """
+    ready, message = _toolkit_module().use_toolkit(cpp_extension, torch.version.cuda)
+    if ready:
+        _say(message)
+        return None
+    return message
+
+
 def _has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
 
@@ -68,13 +96,18 @@ def _extension_build() -> tuple[list, dict]:
         return [], {}
 
     want_cuda = _flag("TORCH_LOGME_CUDA")
-    cuda_ready = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if want_cuda == "1" and not cuda_ready:
-        raise RuntimeError(
-            "TORCH_LOGME_CUDA=1, but "
-            + ("the installed torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
-        )
-    with_cuda = cuda_ready and want_cuda != "0"
+    with_cuda = False
+    if torch.version.cuda is None:
+        if want_cuda == "1":
+            raise RuntimeError("TORCH_LOGME_CUDA=1, but the installed torch has no CUDA")
+    elif want_cuda != "0":
+        why_not = _use_cuda_toolkit(torch, cpp_extension)
+        if why_not is None:
+            with_cuda = True
+        elif want_cuda == "1":
+            raise RuntimeError(f"TORCH_LOGME_CUDA=1, but {why_not}")
+        else:
+            _say(f"{why_not}: building the CPU kernel only")
 
     sources = ["csrc/fixed_point.cpp", "csrc/cpu/fixed_point_cpu.cpp"]
     cxx = ["-O3"]
@@ -114,7 +147,10 @@ setup(
     package_data={"torch_logme": ["data/*.npz", "data/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.1", "numpy>=1.22"],
+    # torch 2.4 is the oldest that builds the op and passes the tests; CI
+    # runs the suite on it (.ci/run). torch 2.3 lacks
+    # torch.library.register_fake, and torch.compile cannot trace the op there.
+    install_requires=["torch>=2.4", "numpy>=1.22"],
     extras_require={
         # numba JIT-compiles the numpy reference so the demo and benchmarks
         # compare against the published code at its published speed (numba's

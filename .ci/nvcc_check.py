@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,18 @@ def arch_flags() -> list[str]:
 
 
 def find_cuda_home() -> str | None:
-    """The first of CUDA_HOME, CUDA_PATH, /usr/local/cuda and the folder above
-    nvcc on PATH that holds both bin/nvcc and include/cuda_runtime.h.
+    """The CUDA toolkit setup.py would build with (torch_logme/_toolkit.py), or None.
 
     torch's own lookup (cpp_extension.CUDA_HOME) is None in a CPU build of
-    torch, which is what CI installs.
+    torch, which is what CI installs; and where nvcc on PATH is a wrapper
+    script, its guess is wrong anyway.
     """
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    candidates.append(str(Path(nvcc).resolve().parent.parent) if nvcc else None)
-    for home in filter(None, candidates):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
-            os.path.join(home, "include", "cuda_runtime.h")
-        ):
-            return home
-    return None
+    sys.path.insert(0, str(ROOT))
+    from torch_logme._toolkit import find_toolkit
+
+    toolkit = find_toolkit()
+    print(f"nvcc check: {toolkit.explain()}")
+    return toolkit.home
 
 
 def main(extra: list[str]) -> int:

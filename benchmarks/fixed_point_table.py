@@ -5,6 +5,7 @@ cpu``, small shapes), which is how its logic is checked without a GPU::
 
     python benchmarks/fixed_point_table.py --device cuda              # the three GPU shapes
     python benchmarks/fixed_point_table.py --device cpu --shapes small
+    python benchmarks/fixed_point_table.py --device cuda --json out.json   # also merge the figures into out.json
 
 For each (N, D, C): Gaussian class features [N, D] made on the device in
 float32 (the "right after the forward pass" case), float64 compute. The
@@ -13,7 +14,10 @@ C columns), once through the compiled op and once through the pure-torch
 loop; then ``logme`` end to end with the extension on and off
 (``TORCH_LOGME_DISABLE_EXTENSION``). Each cell is the median of --repeat
 runs after one warm-up, synchronised on CUDA; the two paths run in turn.
-Prints one Markdown table.
+Prints one Markdown table; ``--json PATH`` also merges every figure into
+the ``fixed_point_table`` section of PATH (benchmarks/_results.py). Runs from
+a checkout with the op built in place (``python setup.py build_ext
+--inplace``), with nothing installed.
 """
 from __future__ import annotations
 
@@ -23,16 +27,25 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-import torch_logme
-from torch_logme import _extension, logme
-from torch_logme._checks import prepare
-from torch_logme._options import make_options
-from torch_logme.evidence import _fixed_point_compiled, _fixed_point_torch
-from torch_logme.functional import solve
+# Run as `python benchmarks/fixed_point_table.py`, Python puts benchmarks/ on
+# sys.path, not the checkout: add it, so an uninstalled checkout (the op
+# built in place) imports.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import torch_logme  # noqa: E402
+from _results import record  # noqa: E402
+from torch_logme import _extension, logme  # noqa: E402
+from torch_logme._checks import prepare  # noqa: E402
+from torch_logme._options import make_options  # noqa: E402
+from torch_logme.evidence import _fixed_point_compiled, _fixed_point_torch  # noqa: E402
+from torch_logme.functional import solve  # noqa: E402
 
 SHAPES = {
     "gpu": [(10_000, 768, 10), (50_000, 2048, 1000), (100_000, 4096, 1000)],
@@ -88,7 +101,8 @@ def with_extension(enabled: bool, fn: Callable[[], object]) -> Callable[[], obje
     return run
 
 
-def row(n: int, d: int, c: int, device: torch.device, repeat: int) -> List[str]:
+def row(n: int, d: int, c: int, device: torch.device, repeat: int) -> Dict[str, Any]:
+    """The figures of one shape: times in ms, speed-ups, and the largest relative difference."""
     f, y = make_problem(n, d, c, device)
     options = make_options()
     with torch.no_grad():
@@ -104,11 +118,24 @@ def row(n: int, d: int, c: int, device: torch.device, repeat: int) -> List[str]:
     e2e = timed(runs, device, repeat)
     scores = {name: fn().item() for name, fn in runs.items()}
     score_err = abs(scores["compiled"] - scores["torch"]) / abs(scores["torch"])
+    return {
+        "n": n, "d": d, "c": c, "k": int(spec.eigenvalues.shape[0]),
+        "fixed_point_torch_ms": fp["torch"], "fixed_point_compiled_ms": fp["compiled"],
+        "fixed_point_speedup": fp["torch"] / fp["compiled"],
+        "logme_torch_ms": e2e["torch"], "logme_compiled_ms": e2e["compiled"],
+        "logme_speedup": e2e["torch"] / e2e["compiled"],
+        "max_rel_diff": max(fp_err, score_err),
+    }
+
+
+def cells(fig: Dict[str, Any]) -> List[str]:
+    """The Markdown cells of one row."""
     return [
-        f"{n}, {d}, {c}",
-        f"{fp['torch']:.2f}", f"{fp['compiled']:.3f}", f"{fp['torch'] / fp['compiled']:.1f}x",
-        f"{e2e['torch']:.1f}", f"{e2e['compiled']:.1f}", f"{e2e['torch'] / e2e['compiled']:.2f}x",
-        f"{max(fp_err, score_err):.1e}",
+        f"{fig['n']}, {fig['d']}, {fig['c']}",
+        f"{fig['fixed_point_torch_ms']:.2f}", f"{fig['fixed_point_compiled_ms']:.3f}",
+        f"{fig['fixed_point_speedup']:.1f}x",
+        f"{fig['logme_torch_ms']:.1f}", f"{fig['logme_compiled_ms']:.1f}", f"{fig['logme_speedup']:.2f}x",
+        f"{fig['max_rel_diff']:.1e}",
     ]
 
 
@@ -124,11 +151,15 @@ def header(device: torch.device) -> str:
 
 
 def main(argv: List[str]) -> int:
+    """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--shapes", default=None, choices=sorted(SHAPES), help="default: gpu on cuda, cpu on cpu")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per cell (median)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="merge the figures into the fixed_point_table section of this JSON file")
     args = parser.parse_args(argv)
+    json_path: Optional[str] = args.json
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible", file=sys.stderr)
@@ -142,8 +173,11 @@ def main(argv: List[str]) -> int:
     print()
     print("| N, D, C | fixed point torch ms | compiled ms | speed-up | logme torch ms | logme compiled ms | speed-up | max rel diff |")
     print("|---|---|---|---|---|---|---|---|")
+    record(json_path, "fixed_point_table", {"device": str(device), "repeat": args.repeat, "header": header(device)})
     for n, d, c in shapes:
-        print("| " + " | ".join(row(n, d, c, device, args.repeat)) + " |", flush=True)
+        fig = row(n, d, c, device, args.repeat)
+        print("| " + " | ".join(cells(fig)) + " |", flush=True)
+        record(json_path, "fixed_point_table", {"rows": {f"{n}x{d}x{c}": fig}})
     return 0
 
 

@@ -279,25 +279,40 @@ def op_args(device: str, *, whitened: bool, weights: bool):
 @pytest.mark.parametrize("whitened", [False, True], ids=["primal", "whitened"])
 @pytest.mark.parametrize("weights", [False, True], ids=["all", "weights"])
 def test_opcheck(compiled, whitened, weights):
-    if not hasattr(torch.library, "opcheck"):
-        pytest.skip("torch.library.opcheck needs torch >= 2.4")
     torch.library.opcheck(torch.ops.torch_logme.fixed_point.default, op_args(compiled, whitened=whitened, weights=weights))
 
 
-def test_torch_compile_fullgraph():
-    if not torch_logme.extension_available("cpu"):
-        pytest.skip("compiled extension not in use")
+def test_torch_compile_fullgraph(compiled):
+    """torch.compile traces through the op on every device: the fake kernel runs on fake tensors there."""
     import torch._dynamo
 
-    args = op_args("cpu", whitened=False, weights=False)
+    args = op_args(compiled, whitened=False, weights=False)
 
     def score(lam, proj, target):
         return _extension.fixed_point_op(lam, proj, target, *args[3:])[3].mean()
 
+    traced = []
+
+    def recording_backend(gm, example_inputs):
+        # Dynamo stores the op's outputs as the fake kernel made them.
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "torch_logme" in str(node.target):
+                traced.append(node.meta["example_value"])
+        return gm.forward
+
     torch._dynamo.reset()
     try:
+        want = score(*args[:3])
+        assert torch.equal(torch.compile(score, backend=recording_backend, fullgraph=True)(*args[:3]), want)
+        assert len(traced) == 1, "the op is not in the traced graph"
+        outputs = traced[0]
+        assert [o.device.type for o in outputs] == [compiled] * 5
+        assert [tuple(o.shape) for o in outputs] == [(3,)] * 5
+        assert [o.dtype for o in outputs] == [torch.float64] * 4 + [torch.int64]
+        torch._dynamo.reset()
+        # The default backend (inductor) compiles the graph around the op.
         compiled_score = torch.compile(score, fullgraph=True)
-        assert torch.allclose(compiled_score(*args[:3]), score(*args[:3]), rtol=1e-12, atol=0)
+        assert torch.allclose(compiled_score(*args[:3]), want, rtol=1e-12, atol=0)
     finally:
         torch._dynamo.reset()
 

@@ -76,6 +76,46 @@ def test_merge_state_dict_reset(score):
         restored.compute()
 
 
+ALL_ACCUMULATORS = {name: cls for name, (cls, _) in ACCUMULATORS.items()}
+ALL_ACCUMULATORS["nce"] = NCEAccumulator
+
+
+def _fill(name, cls, device, n=80, d=6):
+    f, y = make_features(n, d, 3, seed=3)
+    yt = torch.from_numpy(y).to(device)
+    if name == "nce":
+        acc = cls()
+        acc.update((yt + 1) % 3, yt)
+    else:
+        acc = cls(d)
+        acc.update(torch.from_numpy(f).to(device), yt)
+    return acc, (lambda **kw: cls(**kw)) if name == "nce" else (lambda **kw: cls(d, **kw))
+
+
+@pytest.mark.parametrize("score", ALL_ACCUMULATORS.keys())
+def test_load_state_dict_device(device, score):
+    """A fresh accumulator makes its sums on the saved tensors' device unless given device=."""
+    saved, fresh = _fill(score, ALL_ACCUMULATORS[score], device)
+    state = saved.state_dict()
+    where = {v.device for v in saved.states.values()}
+    restored = fresh()
+    restored.load_state_dict(state)
+    assert {v.device for v in restored.states.values()} == where
+    for name, value in restored.states.items():
+        assert torch.equal(value, state[name]), name
+    assert close(restored.compute(), saved.compute(), rtol=0)  # same sums, same device, same code
+    on_cpu = fresh(device="cpu")
+    on_cpu.load_state_dict(state)
+    assert {v.device.type for v in on_cpu.states.values()} == {"cpu"}
+    merged = fresh()
+    merged.merge(saved)
+    assert {v.device for v in merged.states.values()} == where
+    # The same rule on "meta" (shapes only): runs on every machine.
+    meta = fresh()
+    meta.load_state_dict({k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+    assert {v.device.type for v in meta.states.values()} == {"meta"}
+
+
 @pytest.mark.parametrize("score", ACCUMULATORS.keys())
 def test_fixed_classes_and_checks(score):
     cls, fn = ACCUMULATORS[score]

@@ -111,9 +111,10 @@ def fixed_point_op(
 
 def _register_fake() -> None:
     """Shapes-only kernel, so torch.compile and FakeTensor trace through the op."""
-    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract  # torch < 2.4
-
-    @register(_OP_NAME)
+    # torch.library.register_fake is torch >= 2.4, the oldest torch supported
+    # (setup.py): torch 2.3's impl_abstract registers a fake kernel that
+    # torch.compile(fullgraph=True) cannot trace through.
+    @torch.library.register_fake(_OP_NAME)
     def _fake(
         eigenvalues: Tensor,
         proj_sq: Tensor,

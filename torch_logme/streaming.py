@@ -29,6 +29,20 @@ def _distributed_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _default_device(hint: Optional[torch.device] = None) -> torch.device:
+    """Where lazily made states go when no ``device=`` was given.
+
+    ``hint`` (the device of the tensors being loaded or merged in) when
+    there is one; else the rank's GPU under NCCL, which reduces GPU tensors
+    only; else the CPU.
+    """
+    if hint is not None:
+        return hint
+    if _distributed_ready() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class SumAccumulator:
     """Named tensors that are sums over samples, with merge / state_dict / sync.
 
@@ -103,8 +117,14 @@ class SumAccumulator:
         return out
 
     # -- shared mechanics ----------------------------------------------------
-    def _ensure_allocated(self) -> None:
-        """Create the states if they are made lazily (on the first update)."""
+    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
+        """Create the states if they are made lazily (on the first update).
+
+        Args:
+            device: where to make them when there are none yet and no
+                ``device=`` was given (the device of the tensors about to be
+                loaded or merged in); None: the default device.
+        """
 
     def _add_state(self, name: str, value: Tensor) -> None:
         self._states[name] = value
@@ -137,8 +157,8 @@ class SumAccumulator:
                 f"cannot merge {type(other).__name__}({other._config()}) into "
                 f"{type(self).__name__}({self._config()})"
             )
-        self._ensure_allocated()
         other._ensure_allocated()
+        self._ensure_allocated(_state_device(other._states))
         self._align(other._sizes(), "the other accumulator")
         if self._shift is None and other._shift is not None:
             # Nothing summed here yet (the first batch sets the shift): adopt theirs.
@@ -162,8 +182,14 @@ class SumAccumulator:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore sums saved by ``state_dict`` (settings must match)."""
-        self._ensure_allocated()
+        """Restore sums saved by ``state_dict`` (settings must match).
+
+        An accumulator with no sums yet makes them on the device of the saved
+        tensors, unless it was given ``device=``: a state restored from a GPU
+        checkpoint keeps running on that GPU instead of copying every later
+        batch to the host. One that already has sums keeps their device.
+        """
+        self._ensure_allocated(_state_device(state))
         if state.get("config") != self._config():
             raise ValueError(f"state_dict settings {state.get('config')} do not match {self._config()}")
         sizes = state.get("sizes", {})
@@ -255,6 +281,14 @@ def _as_statistics(states: Mapping[str, Tensor], shift: Optional[Tensor]) -> Suf
         states["gram"], states["feature_sum"], states["cross"], states["target_sum"], states["target_sq"],
         int(round(float(states["num_samples"].item()))), shift,
     )
+
+
+def _state_device(state: Mapping[str, Any]) -> Optional[torch.device]:
+    """The device of the first tensor in a state (a state_dict or an accumulator's states)."""
+    for value in state.values():
+        if isinstance(value, Tensor):
+            return value.device
+    return None
 
 
 def _pad_to(value: Tensor, shape: torch.Size) -> Tensor:
@@ -389,12 +423,9 @@ class LogMEAccumulator(SumAccumulator):
             "dtype": str(self.options.dtype),
         }
 
-    def _ensure_allocated(self) -> None:
+    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
         if self._stats is None:
-            device = torch.device("cpu")
-            if _distributed_ready() and torch.distributed.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            self._allocate(device, self._fixed_columns or 0)
+            self._allocate(_default_device(device), self._fixed_columns or 0)
 
     # -- the torchmetrics-style API -------------------------------------------
     def check_batch(self, features: Any, targets: Any, device: Optional[torch.device] = None) -> Inputs:

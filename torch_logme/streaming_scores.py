@@ -53,7 +53,7 @@ from .scores import (
     transrate_from_class_grams,
     work_dtype,
 )
-from .streaming import SumAccumulator, _distributed_ready
+from .streaming import SumAccumulator, _default_device, _state_device
 from .statistics import add_rows_
 
 __all__ = [
@@ -118,12 +118,9 @@ class _NamedSums(SumAccumulator):
         )
         self._allocated = True
 
-    def _ensure_allocated(self) -> None:
+    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
         if not self._allocated:
-            device = torch.device("cpu")
-            if _distributed_ready() and torch.distributed.get_backend() == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            self._allocate(device)
+            self._allocate(_default_device(device))
 
     def _device(self, fallback: torch.device) -> torch.device:
         """Where the states are, or will be once the first batch passes its checks."""
@@ -399,8 +396,8 @@ class _FeatureSums(_NamedSums):
         if type(other) is not type(self) or other._config() != self._config() or other._shift is None:
             return super().merge(other)  # a mismatch raises; an accumulator without batches adds zeros
         assert isinstance(other, _FeatureSums)
-        self._ensure_allocated()
         other._ensure_allocated()
+        self._ensure_allocated(_state_device(other._states))  # made where their sums are, as in the base
         device = next(iter(self._states.values())).device
         theirs = other._own_scale().to(device)
         if self._shift is None:  # nothing summed here: take their scale (the base class takes their shift)
