@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -37,31 +38,44 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        f, y = _data()
-        result = {}
-        if scenario == "halves":
-            acc = LogMEAccumulator(12)  # classes grow per rank: rank 1 never sees class 4
-            for i, start in enumerate(range(0, 240, 20)):
-                if i % WORLD == rank:
-                    rows = slice(start, start + 20)
-                    yb = y[rows] if rank == 0 else y[rows].clamp_max(3)
-                    acc.update(f[rows], yb)
-            result["compute"] = acc.compute(reduction="none")  # syncs a copy
-            result["again"] = acc.compute(reduction="none")  # no double counting
-            acc.sync()
-            acc.sync_on_compute = False  # no further sync: the local state is the global one now
-            result["synced_local"] = acc.compute(reduction="none")
-        elif scenario == "mismatch":
-            acc = LogMEAccumulator(12 if rank == 0 else 11)
-            acc.update(f[:10, : acc.num_features], y[:10])
-            try:
-                acc.compute()
-                result["error"] = None
-            except ValueError as err:
-                result["error"] = str(err)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        _scenario(rank, out_dir, scenario)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # The results are saved: end the process without tearing the group down.
+    # On torch 2.4 to 2.7, destroying a gloo group joins its worker thread
+    # while holding the GIL, and that thread may still need the GIL to free
+    # the last all_reduce's tensors: a deadlock, seen here in about one run
+    # in three under load (torch 2.8 releases the GIL there, pytorch#154976).
+    os._exit(0)
+
+
+def _scenario(rank: int, out_dir: str, scenario: str) -> None:
+    """Score this rank's part of ``scenario`` and save what the test checks."""
+    f, y = _data()
+    result = {}
+    if scenario == "halves":
+        acc = LogMEAccumulator(12)  # classes grow per rank: rank 1 never sees class 4
+        for i, start in enumerate(range(0, 240, 20)):
+            if i % WORLD == rank:
+                rows = slice(start, start + 20)
+                yb = y[rows] if rank == 0 else y[rows].clamp_max(3)
+                acc.update(f[rows], yb)
+        result["compute"] = acc.compute(reduction="none")  # syncs a copy
+        result["again"] = acc.compute(reduction="none")  # no double counting
+        acc.sync()
+        acc.sync_on_compute = False  # no further sync: the local state is the global one now
+        result["synced_local"] = acc.compute(reduction="none")
+    elif scenario == "mismatch":
+        acc = LogMEAccumulator(12 if rank == 0 else 11)
+        acc.update(f[:10, : acc.num_features], y[:10])
+        try:
+            acc.compute()
+            result["error"] = None
+        except ValueError as err:
+            result["error"] = str(err)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(tmp_path, scenario):
