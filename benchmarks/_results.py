@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -34,6 +35,18 @@ GPU_SIZES = [
     ("stream.memory.cuda.10000000.features", 1024),
 ]
 
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, falling back to platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 def clean(value: Any) -> Any:
     """``value`` with NaN and infinities as None, so the file stays strict JSON."""

@@ -29,7 +29,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from _results import load, missing_figures, record  # noqa: E402
+from _results import cpu_model, load, missing_figures, record  # noqa: E402
 
 MODES = ("gpu", "cpu-smoke")
 
@@ -39,17 +39,6 @@ def _version(module: str) -> Optional[str]:
         return getattr(importlib.import_module(module), "__version__", "?")
     except Exception:  # absent, or broken: either way not usable here
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(json_path: str, mode: str, arch_file: Optional[str]) -> int:
@@ -74,7 +63,7 @@ def environment(json_path: str, mode: str, arch_file: Optional[str]) -> int:
         "numpy": _version("numpy"),
         "numba": _version("numba"),
         "scipy": _version("scipy"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

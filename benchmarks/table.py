@@ -43,7 +43,7 @@ if str(_ROOT) not in sys.path:
 
 import torch_logme  # noqa: E402
 import torch_logme.reference as _reference  # noqa: E402
-from _results import record  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
+from _results import cpu_model, record  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 from torch_logme import logme  # noqa: E402
 from torch_logme.reference import LogME as RefLogME  # noqa: E402
 
@@ -95,18 +95,6 @@ def warm_up_torch(device: torch.device) -> None:
     logme(f, y, dtype=torch.float64)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo, falling back to platform.processor()."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine_header() -> str:
