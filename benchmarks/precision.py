@@ -18,6 +18,7 @@ this one: an A/B of the whole function across versions.
 
     python benchmarks/precision.py --repeat 5
     python benchmarks/precision.py --repeat 5 --baseline ../torch_logme_main
+    python benchmarks/precision.py --clock process --threads 1   # CPU time: steadier on a shared machine
 """
 from __future__ import annotations
 
@@ -47,10 +48,13 @@ import sys, time, json, torch
 sys.path.insert(0, sys.argv[1])
 from torch_logme import logme
 n, d, c, kind, seed = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+clock, threads = getattr(time, sys.argv[8]), int(sys.argv[9])
+if threads:
+    torch.set_num_threads(threads)
 exec(sys.argv[7])
 f, y = make(n, d, c, kind, seed)
 logme(f, y)
-t = time.perf_counter(); logme(f, y); print(json.dumps(time.perf_counter() - t))
+t = clock(); logme(f, y); print(json.dumps(clock() - t))
 """
 
 _MAKE = '''
@@ -80,18 +84,31 @@ def fast_route(f: torch.Tensor, y: torch.Tensor, c: int) -> torch.Tensor:
     return result.evidence.mean()
 
 
+CLOCK = "perf_counter"
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    clock = getattr(time, CLOCK)
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def baseline_time(directory: str, n: int, d: int, c: int, kind: str, seed: int) -> float:
     out = subprocess.run(
-        [sys.executable, "-c", _BASELINE, directory, str(n), str(d), str(c), kind, str(seed), _MAKE],
+        [sys.executable, "-c", _BASELINE, directory, str(n), str(d), str(c), kind, str(seed), _MAKE,
+         CLOCK, str(torch.get_num_threads())],
         check=True, capture_output=True, text=True,
     )
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _cpu() -> str:
+    try:
+        from _results import cpu_model  # benchmarks/ is on sys.path when run as a script
+        return cpu_model()
+    except ImportError:
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -99,15 +116,24 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--baseline", default=None, help="another checkout of torch_logme, built in place")
     parser.add_argument("--shapes", default="all", choices=["all", "small"])
+    parser.add_argument("--kinds", default="gauss,relu,offset,graded")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
+                        help="wall time, or this process's CPU time (steadier when other work shares the cores)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = "process_time" if args.clock == "process" else "perf_counter"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES if args.shapes == "all" else [(2000, 64, 10)]
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"# {_cpu()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"clock: {args.clock}, medians of {args.repeat}")
     header = "| kind | (N, D, C) | logme ms | fast route ms | ratio | rel. err logme | rel. err fast |"
     if args.baseline:
         header += " baseline logme ms | ratio to baseline |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for kind in ("gauss", "relu", "offset", "graded"):
+    for kind in args.kinds.split(","):
         for n, d, c in shapes:
             f, y = make(n, d, c, kind, n + d)  # noqa: F821 (defined by exec above)
             exact = float(logme(f, y, solver="svd"))

@@ -26,9 +26,9 @@ eigenvalues of ``F^T F`` are dropped although each contributes
 ``(D - k) * log(alpha)``; ``legacy_evidence=True`` reproduces the published
 numbers exactly. (The original repository's maintainers accepted this as a
 bug in its issue #23.) With N > D the Gram-based SVD keeps every singular value
-above 1e-10, which in float64 means k = D even for rank-deficient features
-(round-off puts the "zero" singular values near 1e-8), so there the two
-settings agree. The ICML code sums over all D eigenvalues already, so the
+above 1e-10; round-off usually puts a "zero" one near 1e-8, so k = D even
+for rank-deficient features and the two settings agree, but LAPACK may
+return an exact 0 (all-zero columns, say), which is then dropped. The ICML code sums over all D eigenvalues already, so the
 flag has no effect for ``method="icml"``.
 
 When numba is installed the per-column work is JIT-compiled, as in the
@@ -553,14 +553,17 @@ def gbc(features: np.ndarray, labels: np.ndarray, min_variance: float = 1e-4) ->
     Bhattacharyya distance of N(mu_i, diag v_i) and N(mu_j, diag v_j); v is
     the per-dimension variance (normalised by n_c) floored at min_variance.
     The features are centred first (the score is shift-invariant), so that
-    class means far from 0 keep the digits of their differences.
+    class means far from 0 keep the digits of their differences; a class's
+    variance is that of its rows less its first row, exactly 0 for a
+    column that is constant within the class (np.var of equal values can
+    leave the round-off of their mean, which a tiny floor would not hide).
     """
     f = _centred(np.asarray(features, dtype=np.float64))
     y = _labels(labels)
     stats = []
     for c in np.unique(y):
         rows = f[y == c]
-        stats.append((rows.mean(axis=0), np.maximum(rows.var(axis=0), min_variance)))
+        stats.append((rows.mean(axis=0), np.maximum((rows - rows[0]).var(axis=0), min_variance)))
     total = 0.0
     for i, (mu_i, v_i) in enumerate(stats):
         for j, (mu_j, v_j) in enumerate(stats):

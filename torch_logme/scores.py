@@ -225,6 +225,7 @@ class Frame:
         the centred rows themselves rather than moments.
     size: the features' largest magnitude, for messages.
     spread: with ``centre``, the largest column variance in scaled units.
+    smallest: the smallest non-zero column magnitude, scaled (0 if none).
     """
 
     shift: Tensor
@@ -232,6 +233,7 @@ class Frame:
     centre: Optional[Tensor] = None
     size: float = 0.0
     spread: float = 0.0
+    smallest: float = 0.0
 
     @property
     def log2_scale(self) -> Tensor:
@@ -266,7 +268,8 @@ def make_frame(
     else:
         size = magnitude(f).amax().expand(d)
     scale = pow2_scale(size, scale_band(dtype, power), SCALE_LIMIT[work])
-    largest, unit = torch.stack([size.max(), (scale == 1).all().to(torch.float64)]).tolist()
+    scaled = torch.where(size > 0, size * scale, torch.full_like(size, math.inf))
+    largest, unit, smallest = torch.stack([size.max(), (scale == 1).all().to(torch.float64), scaled.min()]).tolist()
     scale = None if unit else scale.to(work)
     if largest * n < torch.finfo(work).max / 4 or scale is None:
         # The column means: only a shift (the moments are exact about any), but
@@ -277,7 +280,7 @@ def make_frame(
         for _, x in _row_chunks(f, work, torch.zeros(d, dtype=work, device=f.device), scale):
             total += x.sum(0)
         shift = total / n / scale
-    frame = Frame(shift, scale, size=largest)
+    frame = Frame(shift, scale, size=largest, smallest=0.0 if math.isinf(smallest) else smallest)
     if centre:
         total = torch.zeros(d, dtype=work, device=f.device)
         square = torch.zeros(d, dtype=work, device=f.device)
@@ -287,6 +290,21 @@ def make_frame(
         frame.centre = total / n
         frame.spread = max(0.0, float((square / n - frame.centre * frame.centre).amax()))
     return frame
+
+
+def _resolvable(frame: Frame, dtype: torch.dtype, power: int, name: str) -> None:
+    """Raise ValueError when a column's sums of ``power``-th powers underflow ``dtype`` even scaled.
+
+    Only subnormal float64 features summed in float32 come this far below
+    the scales' reach (SCALE_LIMIT); a scale-invariant score would then
+    silently lose those columns.
+    """
+    if frame.smallest > 0 and math.log2(frame.smallest) * power < math.log2(torch.finfo(dtype).tiny) + 16:
+        raise ValueError(
+            f"{name}: features of magnitude {frame.smallest * 2.0 ** -SCALE_LIMIT[torch.float64]:.3g} are too "
+            f"small to sum in {dtype}, even scaled by 2**{SCALE_LIMIT[torch.float64]}; multiply them by a "
+            "constant or compute in float64"
+        )
 
 
 def _finite(score: Tensor, name: str, size: float, remedy: str = "divide the features by a constant") -> Tensor:
@@ -639,6 +657,7 @@ def h_score(
     with torch.no_grad():
         # One power of two per column: the score standardises the columns anyway.
         frame = make_frame(f, dtype, per_column=True, power=2)
+        _resolvable(frame, dtype, 2, "H-score")
         if inputs.num_samples <= inputs.num_features:
             score = _h_score_dual(f, y, c, dtype, rcond, frame)
         else:
@@ -751,6 +770,7 @@ def regularized_h_score(
         # One power of two for all columns (the shrinkage target mu I is not
         # invariant to scaling a column), sized for sums of ||x||^4.
         frame = make_frame(f, dtype, per_column=False, power=4, largest=inputs.magnitude)
+        _resolvable(frame, dtype, 4, "regularized H-score")
         if inputs.num_samples <= inputs.num_features:
             score = _regularized_h_score_dual(f, y, c, dtype, rcond, frame)
         else:

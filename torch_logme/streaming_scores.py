@@ -244,6 +244,8 @@ class _FeatureSums(_NamedSums):
     _MOMENTS: Dict[str, bool] = {}
     _POWER = 2
     _PER_COLUMN = False
+    #: Whether the score must resolve every column however small (no absolute constant floors it).
+    _SCALE_INVARIANT = False
 
     def __init__(
         self,
@@ -481,6 +483,12 @@ class _FeatureSums(_NamedSums):
         if not bool(self._second_moments(states).gt(0).any()) and (shift is None or not bool(shift.ne(0).any())):
             raise ValueError("features are all zero (rank 0); expected features with at least one non-zero value")
         scale = self._target_scale if self._target_scale is not None else self._scale
+        if scale is not None and self._SCALE_INVARIANT and self.dtype == torch.float32:
+            if bool((log2_of(scale) >= SCALE_LIMIT[torch.float64]).any()):  # scaled as far as float64 goes
+                raise ValueError(
+                    f"{self._NAME}: features below 2**-{SCALE_LIMIT[torch.float64]} (subnormal float64) are too "
+                    "small to sum in float32, even scaled; multiply them by a constant or use dtype=torch.float64"
+                )
         if scale is not None and bool((scale == 1).all()):
             scale = None
         with torch.no_grad():
@@ -528,6 +536,7 @@ class HScoreAccumulator(_FeatureSums):
              "gram": ("num_features", "num_features")}
     _NAME = "H-score"
     _PER_COLUMN = True  # the score standardises every column
+    _SCALE_INVARIANT = True
 
     def __init__(
         self,
