@@ -37,7 +37,9 @@ echo "oldest environment installed in $(( SECONDS - START )) s"
 
 cd "$COPY"
 SMOKE_START=$SECONDS
-bash benchmarks/gpu_check.sh --cpu-smoke --out "$COPY/build/gpu_check"
+# CI checks that every step runs and every figure lands; the 2-minute target of
+# the smoke run is for an idle machine, so a loaded CI machine gets more time.
+GPU_CHECK_BUDGET_S=600 bash benchmarks/gpu_check.sh --cpu-smoke --out "$COPY/build/gpu_check"
 echo "gpu_check.sh --cpu-smoke: $(( SECONDS - SMOKE_START )) s"
 python -c "import sys, torch_logme; sys.exit(0 if torch_logme.extension_available('cpu') else 'the compiled CPU op was not built in place')"
 
