@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._checks import prepare, prepare_label_pair, prepare_probabilities
 from ._options import make_options
-from .statistics import CHUNK_BYTES, add_gram_, add_rows_
+from .statistics import CHUNK_BYTES, CONSTANT_COLUMN_EPS, add_gram_, add_rows_, int_shifted, symmetric
 
 __all__ = [
     "leep",
@@ -62,11 +62,6 @@ Device = Union[str, torch.device, None]
 #: an exactly singular covariance near eps * sqrt(D) * largest, far below.
 DEFAULT_RCOND = {torch.float64: 1e-10, torch.float32: 1e-4}
 
-#: A feature column whose variance is at most this many eps (of the compute
-#: dtype) times its second moment about the shift is constant: the H-score
-#: drops it instead of dividing by the round-off left in its variance (GBC
-#: takes such a class variance as 0, which its floor then replaces).
-CONSTANT_COLUMN_EPS = 64
 
 #: Largest |exponent| of the powers of two that scale features (and of the
 #: scaled constants), well inside each dtype's normal range.
@@ -171,22 +166,6 @@ def log2_of(scale: Tensor) -> Tensor:
     return (torch.frexp(scale.to(torch.float64))[1] - 1).to(torch.float64)
 
 
-def _int_shifted(rows: Tensor, shift: Tensor) -> Tensor:
-    """int64 rows [B, D] minus a float64 shift [D], in float64.
-
-    The shift's integer part is subtracted in int64 first: values near 2**62
-    differ in digits float64 cannot hold, but their differences it holds.
-    Where that difference would wrap around (a column spanning more than
-    2**63) the float64 difference is taken instead.
-    """
-    whole = shift.round().clamp(-(2.0 ** 62), 2.0 ** 62)
-    whole_int = whole.to(torch.int64)
-    diff = rows - whole_int
-    wrapped = (rows >= whole_int) != (diff >= 0)
-    exact = diff.to(torch.float64) - (shift - whole)
-    return torch.where(wrapped, rows.to(torch.float64) - shift, exact)
-
-
 def framed(
     rows: Tensor, dtype: torch.dtype, shift: Optional[Tensor], scale: Optional[Tensor] = None,
     centre: Optional[Tensor] = None,
@@ -202,7 +181,7 @@ def framed(
         return rows.to(dtype)
     work = shift.dtype
     if rows.dtype == torch.int64 and work == torch.float64:
-        x = _int_shifted(rows, shift)
+        x = int_shifted(rows, shift)
         if scale is not None:
             x = x * scale
     elif scale is None:
@@ -315,15 +294,6 @@ def _finite(score: Tensor, name: str, size: float, remedy: str = "divide the fea
             f"exceed the range of {score.dtype}; {remedy} (or compute in float64)"
         )
     return score
-
-
-def symmetric(gram: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle ``gram`` [D, D] holds.
-
-    ``add_gram_`` may accumulate only the upper triangle (it does on CPU for
-    large D), so Gram matrices it built are read through that triangle.
-    """
-    return torch.triu(gram) + torch.triu(gram, 1).T
 
 
 def _pinv_diagonal(values: Tensor, rcond: float) -> Tensor:

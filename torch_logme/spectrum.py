@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .statistics import SufficientStatistics, add_gram_, add_rows_, column_chunks, symmetric
+from .statistics import CONSTANT_COLUMN_EPS, SufficientStatistics, add_gram_, add_rows_, column_chunks
 
 
 @dataclass
@@ -74,11 +74,6 @@ class Spectrum:
             raise RuntimeError("this spectrum was computed without the basis for posterior means")
         weights = self.coef / (t.unsqueeze(1) + self.eigenvalues)
         return weights @ self.basis
-
-
-#: A column whose centred second moment is at most this many eps of its second
-#: moment about the shift is constant (its variance is round-off).
-CONSTANT_EPS = 64
 
 
 def _resolved(raw: Tensor, noise: Tensor, dims: int) -> Tensor:
@@ -148,7 +143,7 @@ def precise(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum
     variance = centred.diagonal()
     # A constant column's centred moments are round-off of its second moment about
     # the shift; by Cauchy-Schwarz its row and column are 0: make them so.
-    constant = variance <= CONSTANT_EPS * torch.finfo(variance.dtype).eps * stats.gram.diagonal()
+    constant = variance <= CONSTANT_COLUMN_EPS * torch.finfo(variance.dtype).eps * stats.gram.diagonal()
     centred = centred * ~constant[:, None] * ~constant[None, :]
     scale = torch.where(constant, torch.ones_like(variance), variance.clamp_min(0).sqrt())
     corr = (centred / scale[:, None] / scale[None, :]).clamp_(-1, 1)

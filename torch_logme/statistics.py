@@ -15,6 +15,10 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+#: A column whose variance (its centred second moment) is at most this many eps
+#: of its second moment about the shift is constant: the variance is round-off.
+CONSTANT_COLUMN_EPS = 64
+
 # Bytes of one converted chunk: large enough for efficient matmuls, small
 # enough that the extra peak memory stays far below a float64 copy of F.
 CHUNK_BYTES = 64 << 20
@@ -81,18 +85,28 @@ def row_chunks(
 
 
 def _shifted(rows: Tensor, dtype: torch.dtype, shift: Optional[Tensor]) -> Tensor:
-    """rows [B, D] in ``dtype`` minus ``shift`` [D].
-
-    Integer features are shifted by the integer part of the shift before
-    they are converted: int64 values near 2**62 differ in digits that
-    float64 cannot hold, but their differences it holds exactly.
-    """
+    """rows [B, D] in ``dtype`` minus ``shift`` [D] (integer rows: see ``int_shifted``)."""
     if shift is None:
         return rows.to(dtype)
     if rows.is_floating_point():
         return rows.to(dtype) - shift
-    whole = shift.round()
-    return (rows.to(torch.int64) - whole.to(torch.int64)).to(dtype) - (shift - whole)
+    return int_shifted(rows.to(torch.int64), shift.to(torch.float64)).to(dtype)
+
+
+def int_shifted(rows: Tensor, shift: Tensor) -> Tensor:
+    """int64 rows [B, D] minus a float64 shift [D], in float64.
+
+    The shift's integer part is subtracted in int64 first: values near 2**62
+    differ in digits float64 cannot hold, but their differences it holds.
+    Where that difference would wrap around (a column spanning more than
+    2**63) the float64 difference is taken instead.
+    """
+    whole = shift.round().clamp(-(2.0 ** 62), 2.0 ** 62)
+    whole_int = whole.to(torch.int64)
+    diff = rows - whole_int
+    wrapped = (rows >= whole_int) != (diff >= 0)
+    exact = diff.to(torch.float64) - (shift - whole)
+    return torch.where(wrapped, rows.to(torch.float64) - shift, exact)
 
 
 def column_chunks(features: Tensor, dtype: torch.dtype) -> Iterator[Tuple[slice, Tensor]]:
