@@ -223,3 +223,21 @@ def test_constructor_and_compute_errors():
         acc.compute(reduction="max")
     with pytest.raises(RuntimeError, match="process group"):
         acc.sync()
+
+
+def test_state_without_a_shift_is_of_the_raw_features():
+    """A checkpoint saved before accumulators had a shift holds sums of the features themselves."""
+    from torch_logme.streaming import _as_statistics
+
+    f, y = make_features(300, 6, 3, seed=5)
+    ft, yt = torch.from_numpy(f) + 50.0, torch.from_numpy(y)
+    old = LogMEAccumulator(6)
+    old.update(ft[:100], yt[:100])
+    state = old.state_dict()
+    raw = _as_statistics(state, state["shift"]).recentred_by(state["shift"])  # sums of x + shift = f
+    state.update(gram=raw.gram, feature_sum=raw.feature_sum, cross=raw.cross)
+    del state["shift"]
+    restored = LogMEAccumulator(6)
+    restored.load_state_dict(state)
+    restored.update(ft[100:], yt[100:])
+    assert torch.allclose(restored.compute(), logme(ft, yt), rtol=1e-10, atol=0)

@@ -100,13 +100,19 @@ class SumAccumulator:
             self._shift = (features.sum(0, dtype=dtype) / features.shape[0]).to(device)
         return self._shift
 
+    def _shift_dtype(self) -> torch.dtype:
+        """The dtype the shift is kept in (by default the states')."""
+        return next(iter(self._states.values())).dtype
+
     def _states_at(self, shift: Optional[Tensor]) -> "OrderedDict[str, Tensor]":
         """The local states about ``shift`` (the current tensors when it is the same)."""
         if not self._SHIFTED or shift is None or self._shift is None or self._shift is shift:
             return self._states
-        if torch.equal(self._shift, shift.to(self._shift.device)):
+        # The difference in float64, cast once: shifts far from 0 differ in their last digits.
+        mine, theirs = self._shift.to(torch.float64), shift.to(self._shift.device, torch.float64)
+        if torch.equal(mine, theirs):
             return self._states
-        delta = self._shift - shift.to(self._shift.device)
+        delta = (mine - theirs).to(next(iter(self._states.values())).dtype)
         moved = self._recentre(self._states, delta)
         return OrderedDict((name, moved[name]) for name in self._states)
 
@@ -204,7 +210,13 @@ class SumAccumulator:
         if self._SHIFTED:
             saved_shift = state.get("shift")
             device = next(iter(self._states.values())).device
-            self._shift = None if saved_shift is None else torch.as_tensor(saved_shift).to(device).clone()
+            if saved_shift is not None:
+                self._shift = torch.as_tensor(saved_shift).to(device, self._shift_dtype()).clone()
+            elif any(bool(v.ne(0).any()) for v in self._states.values()):
+                # Sums saved before accumulators had a shift are of the features themselves: about 0.
+                self._shift = torch.zeros(self._sizes()["num_features"][0], dtype=self._shift_dtype(), device=device)
+            else:
+                self._shift = None
 
     def _reduced_states(self, group: Any = None) -> "Tuple[OrderedDict[str, Tensor], Optional[Tensor]]":
         """(The sums over every rank of ``group`` as new tensors, their common shift); local state untouched."""
@@ -227,6 +239,8 @@ class SumAccumulator:
             self._align({n: (h, True) for n, h in zip(names, high)}, "another rank")
         shift = self._common_shift(group, device) if self._SHIFTED else None
         local = self._states_at(shift)
+        if shift is not None:
+            shift = shift.to(self._shift_dtype())
         flat = torch.cat([v.reshape(-1).to(torch.float64) for v in local.values()])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         out: "OrderedDict[str, Tensor]" = OrderedDict()
@@ -238,10 +252,9 @@ class SumAccumulator:
         return out, shift
 
     def _common_shift(self, group: Any, device: torch.device) -> Optional[Tensor]:
-        """The mean of the ranks' shifts (ranks without one do not count), or None on every rank."""
+        """The mean of the ranks' shifts in float64 (ranks without one do not count), or None on every rank."""
         dist = torch.distributed
         size = self._sizes()["num_features"][0]
-        dtype = next(iter(self._states.values())).dtype
         mine = torch.zeros(size + 1, dtype=torch.float64, device=device)
         if self._shift is not None:
             mine[:size] = self._shift.to(torch.float64)
@@ -250,7 +263,7 @@ class SumAccumulator:
         count = float(mine[size].item())
         if count == 0:
             return None
-        return (mine[:size] / count).to(dtype)
+        return mine[:size] / count
 
     def sync(self, group: Any = None) -> "SumAccumulator":
         """Replace the local sums with their sum over ``group`` (all ranks must call it).

@@ -343,6 +343,10 @@ class _FeatureSums(_NamedSums):
         """New states: the sums of x * factor [D] (powers of two, so exact)."""
         raise NotImplementedError
 
+    def _shift_dtype(self) -> torch.dtype:
+        """Shifts are float64 whatever the sums' dtype (see ``work_dtype``)."""
+        return torch.float64
+
     def _states_at(self, shift: Optional[Tensor]) -> "OrderedDict[str, Tensor]":
         """The local states about ``shift``, at the ranks' common scale while syncing.
 
@@ -371,9 +375,8 @@ class _FeatureSums(_NamedSums):
     def _common_shift(self, group: Any, device: torch.device) -> Optional[Tensor]:
         """The mean of the ranks' shifts, in float64; also sets the common scale, their minimum.
 
-        Overrides the base class's (which returns the shift in the states'
-        dtype: a float32 copy of a float64 shift loses the digits it keeps).
-        Two all_reduce calls; ranks without a batch do not count.
+        Extends the base class's with the common scale. Two all_reduce
+        calls; ranks without a batch do not count.
         """
         dist = torch.distributed
         d = self.num_features
@@ -460,9 +463,6 @@ class _FeatureSums(_NamedSums):
         saved = state.get("scale")
         self._scale = None if saved is None else torch.as_tensor(saved).to(device, torch.float64).clone()
         self._wide = bool(state.get("wide", True))
-        if self._shift is None and any(bool(v.ne(0).any()) for v in self._states.values()):
-            # Sums saved before accumulators had a shift: of the features themselves, about 0.
-            self._shift = torch.zeros(self.num_features, dtype=torch.float64, device=device)
         if self._shift is not None and self._scale is None:
             self._scale = torch.ones(self.num_features, dtype=torch.float64, device=device)
             self._wide = True
