@@ -44,8 +44,5 @@ echo "gpu_check.sh --cpu-smoke: $(( SECONDS - SMOKE_START )) s"
 python -c "import sys, torch_logme; sys.exit(0 if torch_logme.extension_available('cpu') else 'the compiled CPU op was not built in place')"
 
 SUITE_START=$SECONDS
-# Known failure on torch 2.4.1 (open, see the issue notes): 34 extreme-scale cases of
-# tests/test_precision_logme.py (features near 1e+-50 to 1e+-150 and int64 near 2**62) raise
-# "no finite value" there while they pass on 2.13; left out here until fixed.
-PYTHONPATH="$COPY" python -m pytest -p no:cacheprovider --ignore=tests/test_precision_logme.py
+PYTHONPATH="$COPY" python -m pytest -p no:cacheprovider
 echo "test suite on torch $OLDEST_TORCH: $(( SECONDS - SUITE_START )) s; oldest environment in all: $(( SECONDS - START )) s"

@@ -1,6 +1,13 @@
 """Shared test settings: the one list of devices and dtypes every test uses."""
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import time
+import traceback
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -31,3 +38,48 @@ def batches(n: int, sizes: list) -> list:
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_and_exit(body: Callable[[], None]) -> None:
+    """Run a spawned rank's body (which saves its results), then end the process at once.
+
+    The process leaves with os._exit, without tearing its gloo group down: on
+    torch 2.4 to 2.7 destroying a gloo group joins its worker thread while
+    holding the GIL, and that thread may still need the GIL to free the last
+    all_reduce's tensors, a deadlock seen in about one run in three under
+    load (fixed in torch 2.8, pytorch#154976). On an error the traceback is
+    printed and the exit status is 1, which the parent reports.
+    """
+    try:
+        body()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+def spawn_ranks(worker: Callable, args: tuple, world_size: int = 2, timeout: float = 300.0) -> None:
+    """Run ``worker(rank, *args)`` in ``world_size`` processes; fail, never hang.
+
+    A rank that raises fails the test with its traceback; ranks still running
+    after ``timeout`` seconds are killed and the test fails, so that a
+    collective that never completes cannot stall the whole suite.
+    """
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{world_size} ranks still running after {timeout:.0f} s: killed")

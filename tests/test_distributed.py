@@ -2,27 +2,20 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from torch_logme import LogMEAccumulator, logme
+
+from conftest import free_port, run_and_exit, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -37,18 +30,7 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _scenario(rank, out_dir, scenario)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    # The results are saved: end the process without tearing the group down.
-    # On torch 2.4 to 2.7, destroying a gloo group joins its worker thread
-    # while holding the GIL, and that thread may still need the GIL to free
-    # the last all_reduce's tensors: a deadlock, seen here in about one run
-    # in three under load (torch 2.8 releases the GIL there, pytorch#154976).
-    os._exit(0)
+    run_and_exit(lambda: _scenario(rank, out_dir, scenario))  # no teardown: see run_and_exit
 
 
 def _scenario(rank: int, out_dir: str, scenario: str) -> None:
@@ -79,7 +61,7 @@ def _scenario(rank: int, out_dir: str, scenario: str) -> None:
 
 
 def _run(tmp_path, scenario):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), scenario), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), str(tmp_path), scenario), WORLD)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Streaming, hooks and checkpoint selection"
@@ -57,15 +58,9 @@ def test_example_runs(code, tmp_path, monkeypatch):
         assert (tmp_path / "checkpoints" / "best.pt").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script: Path, world: int):
     """Start ``world`` processes as torchrun would (RANK, WORLD_SIZE, ... in the environment)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -77,7 +72,12 @@ def _launch(script: Path, world: int):
 
 def _score(procs) -> float:
     """The score that rank 0 printed."""
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the distributed README example did not finish in 300 s: killed")
     assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
     found = re.search(r"LogME over (\d+) ranks: (-?[\d.]+)", outputs[0])
     assert found, outputs[0]
@@ -91,7 +91,7 @@ def test_distributed_example_equals_one_process(tmp_path, monkeypatch, capsys):
     script.write_text(DISTRIBUTED[0], encoding="utf-8")
     two = _launch(script, 2)
     # Meanwhile, the same script as a one-rank group in this process: the single-process score.
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
         monkeypatch.setenv(name, value)
     try:

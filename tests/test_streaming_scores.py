@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from torch_logme import (
     transrate,
 )
 
-from conftest import batches, make_features
+from conftest import batches, free_port, make_features, run_and_exit, spawn_ranks
 
 RTOL = 1e-10
 
@@ -215,7 +216,6 @@ def _rank_data(scenario: str):
 
 
 def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
-    import os
     import sys
     from pathlib import Path
 
@@ -224,39 +224,35 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        f, y, src = _rank_data(scenario)
-        accs = {name: cls(6) for name, (cls, _) in ACCUMULATORS.items()}
-        accs["nce"] = NCEAccumulator()
-        for i, rows in enumerate(batches(240, [20])):
-            if i % 2 != rank:
-                continue
-            yb = y[rows] if rank == 0 else np.minimum(y[rows], 3)  # rank 1 never sees class 4
-            for name, acc in accs.items():
-                acc.update(src[rows], yb) if name == "nce" else acc.update(f[rows], yb)
-        result = {name: acc.compute() for name, acc in accs.items()}  # syncs a copy
-        for name, acc in accs.items():  # sync() in place, then compute the local (now global) sums
-            acc.sync()
-            acc.sync_on_compute = False
-            result[f"{name} synced"] = acc.compute()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    run_and_exit(lambda: _rank_scores(rank, out_dir, scenario))  # no teardown: see run_and_exit
+
+
+def _rank_scores(rank: int, out_dir: str, scenario: str) -> None:
+    """Score this rank's batches with every accumulator and save the results."""
+    f, y, src = _rank_data(scenario)
+    accs = {name: cls(6) for name, (cls, _) in ACCUMULATORS.items()}
+    accs["nce"] = NCEAccumulator()
+    for i, rows in enumerate(batches(240, [20])):
+        if i % 2 != rank:
+            continue
+        yb = y[rows] if rank == 0 else np.minimum(y[rows], 3)  # rank 1 never sees class 4
+        for name, acc in accs.items():
+            acc.update(src[rows], yb) if name == "nce" else acc.update(f[rows], yb)
+    result = {name: acc.compute() for name, acc in accs.items()}  # syncs a copy
+    for name, acc in accs.items():  # sync() in place, then compute the local (now global) sums
+        acc.sync()
+        acc.sync_on_compute = False
+        result[f"{name} synced"] = acc.compute()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("scenario", ["plain", "offset"])
 def test_two_ranks_equal_one_process(tmp_path, scenario):
-    import socket
-
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path), scenario), nprocs=2, join=True)
+    spawn_ranks(_worker, (free_port(), str(tmp_path), scenario))
     f, y, src = _rank_data(scenario)
     seen = np.concatenate([y[r] if i % 2 == 0 else np.minimum(y[r], 3) for i, r in enumerate(batches(240, [20]))])
     expected = {name: fn(f, seen) for name, (_, fn) in ACCUMULATORS.items()}

@@ -139,9 +139,13 @@ def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_
     elif n <= d:
         fast, precise = (lambda: _spectrum.dual(f, y, c, cls, dtype, with_basis=with_basis)), by_svd
     else:
-        stats = compute_statistics(f, y, c, cls, dtype)
+        # The fast route decomposes F^T F itself: plain sums, one pass, no copy. Only
+        # the precise route needs sums about the mean, so only it pays a second pass.
+        stats = compute_statistics(f, y, c, cls, dtype, about_mean=False)
         fast = lambda: _spectrum.primal(stats, with_basis=with_basis)  # noqa: E731
-        precise = lambda: _spectrum.precise(stats, with_basis=with_basis)  # noqa: E731
+        precise = lambda: _spectrum.precise(  # noqa: E731
+            compute_statistics(f, y, c, cls, dtype), with_basis=with_basis
+        )
     spec, result, trusted = _attempt(fast, options, RTOL[dtype], rank)
     if trusted:
         return spec, result

@@ -98,7 +98,9 @@ def _svd_noise(sigma: Tensor) -> Tensor:
 
 def primal(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum:
     """Spectrum from the Gram matrix: eigh of G [D, D], then Z = F^T Y V."""
-    raw, vecs = torch.linalg.eigh(stats.raw_gram(), UPLO="U")  # add_gram_ fills the upper triangle
+    # eigh reads the upper triangle only, which is all add_gram_ fills: unshifted sums need no copy.
+    gram = stats.gram if stats.shift is None else stats.raw_gram()
+    raw, vecs = torch.linalg.eigh(gram, UPLO="U")
     noise = _eigh_noise(raw)
     lam = _resolved(raw, noise, raw.shape[0])
     # z of an unresolved direction is round-off (or signal the eigh lost): its mass goes to the residual.

@@ -165,14 +165,17 @@ class SufficientStatistics:
             0,
         )
 
-    def add_(self, features: Tensor, targets: Tensor, classification: bool) -> "SufficientStatistics":
+    def add_(
+        self, features: Tensor, targets: Tensor, classification: bool, *, shift: bool = True
+    ) -> "SufficientStatistics":
         """Add a batch in place: features [B, D]; int64 labels [B] or targets [B, C].
 
         The first batch sets the shift to its own mean (a later batch's
         shift would be as exact; one near the data is what keeps digits).
+        ``shift=False`` keeps sums with no shift, when none was set yet.
         """
         dtype = self.gram.dtype
-        if self.shift is None:
+        if self.shift is None and shift:
             self.shift = features.sum(0, dtype=dtype) / max(features.shape[0], 1)
         for rows, chunk in row_chunks(features, dtype, self.shift):
             add_gram_(self.gram, chunk)
@@ -246,11 +249,19 @@ def symmetric(gram: Tensor) -> Tensor:
 
 
 def compute_statistics(
-    features: Tensor, targets: Tensor, num_columns: int, classification: bool, dtype: torch.dtype
+    features: Tensor, targets: Tensor, num_columns: int, classification: bool, dtype: torch.dtype,
+    *, about_mean: bool = True,
 ) -> SufficientStatistics:
-    """Statistics of a whole data set about its mean: features [N, D], labels [N] or targets [N, C]."""
+    """Statistics of a whole data set: features [N, D], labels [N] or targets [N, C].
+
+    ``about_mean=True`` sums about the data mean (what the precise route
+    needs); ``False`` sums the features themselves (no shift): one pass
+    and no converted copy when they are already in ``dtype``, which is all
+    the fast route needs, since it decomposes F^T F itself.
+    """
     stats = SufficientStatistics.zeros(
         features.shape[1], num_columns, dtype=dtype, device=features.device
     )
-    stats.shift = features.sum(0, dtype=dtype) / features.shape[0]
-    return stats.add_(features, targets, classification)
+    if about_mean:
+        stats.shift = features.sum(0, dtype=dtype) / features.shape[0]
+    return stats.add_(features, targets, classification, shift=about_mean)
