@@ -1,8 +1,9 @@
 """What the precision machinery costs: the default LogME route against the fast route alone.
 
-The default ``logme`` computes sums about the mean, checks a round-off bound
-after the fixed point and, when the bound is not met, runs the precise
-route (docs/design.md, section 4). This script times, side by side in one
+The default ``logme`` runs the fast route (plain sums, eigh, fixed point),
+checks a round-off bound after the fixed point and, when the bound is not
+met, sums about the mean and runs the precise route (docs/design.md,
+section 4). This script times, side by side in one
 run, on the same features:
 
 * well-conditioned features (Gaussian, ReLU): ``logme`` against the bare
@@ -39,7 +40,7 @@ from torch_logme import logme  # noqa: E402
 from torch_logme._options import make_options  # noqa: E402
 from torch_logme.evidence import fixed_point  # noqa: E402
 from torch_logme.spectrum import primal  # noqa: E402
-from torch_logme.statistics import SufficientStatistics  # noqa: E402
+from torch_logme.statistics import compute_statistics  # noqa: E402
 
 SHAPES = [(10000, 768, 10), (20000, 1024, 100)]
 
@@ -75,9 +76,7 @@ exec(_MAKE)
 
 def fast_route(f: torch.Tensor, y: torch.Tensor, c: int) -> torch.Tensor:
     """The bare fast route: raw sums, eigh, fixed point; no shift, no bound, no fallback."""
-    stats = SufficientStatistics.zeros(f.shape[1], c, dtype=torch.float64, device=f.device)
-    stats.shift = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
-    stats.add_(f, y, True)
+    stats = compute_statistics(f, y, c, True, torch.float64, about_mean=False)
     spec = primal(stats, with_basis=False)
     result = fixed_point(spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features,
                          make_options())
