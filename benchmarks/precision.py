@@ -40,7 +40,7 @@ from torch_logme import logme  # noqa: E402
 from torch_logme._options import make_options  # noqa: E402
 from torch_logme.evidence import fixed_point  # noqa: E402
 from torch_logme.spectrum import primal  # noqa: E402
-from torch_logme.statistics import compute_statistics  # noqa: E402
+from torch_logme.sums import compute_statistics  # noqa: E402
 
 SHAPES = [(10000, 768, 10), (20000, 1024, 100)]
 

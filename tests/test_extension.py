@@ -19,7 +19,7 @@ from torch_logme import _extension, logme
 from torch_logme import spectrum as _spectrum
 from torch_logme import evidence
 from torch_logme._options import make_options
-from torch_logme.statistics import compute_statistics
+from torch_logme.sums import compute_statistics
 
 from conftest import DTYPES, make_features
 

@@ -324,21 +324,21 @@ def test_inputs_are_not_modified(device):
 
 def test_float32_input_is_converted_in_chunks(monkeypatch):
     """A float32 F is never copied whole to float64: the Gram matrix is built chunk by chunk."""
-    from torch_logme import statistics
+    from torch_logme import sums
 
     f, y = make_features(500, 16, 3, seed=1)
     f32 = torch.from_numpy(f).float()
     whole = logme(f32, torch.from_numpy(y))
     seen = []
-    real = statistics.row_chunks
+    real = sums.row_chunks
 
     def spy(features, dtype, shift=None):
         for rows, chunk in real(features, dtype, shift):
             seen.append(chunk.shape[0])
             yield rows, chunk
 
-    monkeypatch.setattr(statistics, "CHUNK_BYTES", 64 * 16 * 8)  # 64 rows of float64
-    monkeypatch.setattr(statistics, "row_chunks", spy)
+    monkeypatch.setattr(sums, "CHUNK_BYTES", 64 * 16 * 8)  # 64 rows of float64
+    monkeypatch.setattr(sums, "row_chunks", spy)
     chunked = logme(f32, torch.from_numpy(y))
     assert max(seen) == 64 and sum(seen) == 500
     assert_close(chunked, whole, rtol=1e-12)
@@ -369,7 +369,7 @@ def test_public_names():
 @pytest.mark.parametrize("d", [255, 301, 1024])
 def test_gram_update_upper_triangle(device, d):
     """add_gram_ accumulates the exact upper triangle (all the eigendecomposition reads)."""
-    from torch_logme.statistics import add_gram_
+    from torch_logme.sums import add_gram_
 
     chunk = torch.randn(97, d, dtype=torch.float64, device=device)
     gram = torch.ones(d, d, dtype=torch.float64, device=device)

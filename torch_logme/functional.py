@@ -17,7 +17,7 @@ from . import spectrum as _spectrum
 from ._checks import Inputs, prepare
 from ._options import ScoreOptions, make_options
 from .evidence import FixedPointResult, fixed_point, published_rank, roundoff_error
-from .statistics import SufficientStatistics, compute_statistics
+from .sums import SufficientStatistics, compute_statistics
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._checks import prepare, prepare_label_pair, prepare_probabilities
 from ._options import make_options
-from .statistics import CHUNK_BYTES, CONSTANT_COLUMN_EPS, add_gram_, add_rows_, int_shifted, symmetric
+from .sums import CHUNK_BYTES, CONSTANT_COLUMN_EPS, add_gram_, add_rows_, int_shifted, symmetric
 
 __all__ = [
     "leep",

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .statistics import CONSTANT_COLUMN_EPS, SufficientStatistics, add_gram_, add_rows_, column_chunks
+from .sums import CONSTANT_COLUMN_EPS, SufficientStatistics, add_gram_, add_rows_, column_chunks
 
 
 @dataclass

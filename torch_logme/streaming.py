@@ -20,7 +20,7 @@ from torch import Tensor
 from ._checks import Inputs, as_tensor, prepare
 from ._options import make_options
 from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
-from .statistics import SufficientStatistics
+from .sums import SufficientStatistics
 
 Device = Union[str, torch.device, None]
 

@@ -54,7 +54,7 @@ from .scores import (
     work_dtype,
 )
 from .streaming import SumAccumulator, _default_device, _state_device
-from .statistics import add_rows_
+from .sums import add_rows_
 
 __all__ = [
     "NCEAccumulator",

@@ -25,7 +25,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from ..functional import REDUCTIONS
-from ..statistics import SufficientStatistics
+from ..sums import SufficientStatistics
 from ..streaming import LogMEAccumulator
 
 
