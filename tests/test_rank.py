@@ -73,10 +73,14 @@ def test_leep_and_nce_read_probabilities():
 
 
 def test_ties_and_nan_rank_last(monkeypatch):
-    from torch_logme import ranking as module
+    from types import MappingProxyType
 
-    fake = module.ScoreSpec(lambda x, y, **kw: torch.tensor(float(x[0, 0])), "features", True, "test")
-    monkeypatch.setitem(module.SCORES, "fake", fake)
+    from torch_logme import ranking, registry
+
+    fake = ranking.ScoreSpec(lambda x, y, **kw: torch.tensor(float(x[0, 0])), "features", True, "test", name="fake")
+    with_fake = MappingProxyType({**registry.SCORES, "fake": fake})
+    monkeypatch.setattr(registry, "SCORES", with_fake)
+    monkeypatch.setattr(ranking, "SCORES", with_fake)
     models = {"nan": np.full((2, 1), np.nan), "one": np.ones((2, 1)), "also_one": np.ones((2, 1)),
               "two": np.full((2, 1), 2.0)}
     ranking = rank_models(models, np.zeros(2, dtype=int), scores="fake")

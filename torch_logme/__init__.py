@@ -2,13 +2,15 @@
 
 ``logme(features, labels)`` scores how well features [N, D] from a
 pre-trained model suit a labelled task; ``LogME`` is a drop-in for the
-published estimator. ``torch_logme.reference`` holds the numpy reference of
+published estimator. ``SCORES`` holds every score by name and
+``accumulator(name, ...)`` streams any of them. ``torch_logme.reference`` holds the numpy reference of
 the published algorithms (imported on demand).
 """
 from ._extension import extension_available
 from .estimator import LogME
 from .functional import logme
 from .ranking import Ranking, rank_models
+from .registry import SCORES, ScoreSpec, accumulator
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
 from .streaming import LogMEAccumulator
 from .streaming_scores import (
@@ -28,4 +30,6 @@ __all__ = [
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
     "rank_models", "Ranking",
+    # every score by name
+    "SCORES", "ScoreSpec", "accumulator",
 ]

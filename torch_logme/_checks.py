@@ -63,6 +63,20 @@ def as_tensor(x: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+def source_labels(predictions: Any, *, check: bool = True) -> Tensor:
+    """Hard source labels [N] from source-class probabilities or logits [N, Cs]; labels [N] pass through.
+
+    ``check`` (one host read) rejects non-finite predictions, whose argmax
+    would be an arbitrary class.
+    """
+    p = as_tensor(predictions, "source_labels")
+    if p.dim() != 2 or p.shape[1] == 0:
+        return p
+    if check and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        raise ValueError("source predictions contain NaN or inf; expected finite probabilities or logits")
+    return p.argmax(1)
+
+
 def _check_features(features: Tensor, min_samples: int) -> None:
     if features.dim() != 2:
         raise ValueError(

@@ -21,45 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import as_tensor, prepare_labels
+from ._checks import prepare_labels
 from ._options import make_options
-from .functional import logme
-from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
+from .registry import SCORES, ScoreSpec, score_names
 
 __all__ = ["rank_models", "Ranking", "RankedModel", "SCORES", "ScoreSpec", "ModelScoreError"]
-
-
-def _nce_from_probs(probs: Any, labels: Any, **options: Any) -> Tensor:
-    """NCE of a model given its source-class probabilities [N, Cs] (or hard labels [N])."""
-    p = as_tensor(probs, "source_probs")
-    hard = p.argmax(1) if p.dim() == 2 and p.shape[1] > 0 else p
-    return nce(hard, labels, **options)
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """A score that ``rank_models`` can compute.
-
-    fn(model_input, labels, dtype=..., device=..., **options) -> 0-dim tensor.
-    input: "features" ([N, D]) or "probs" (source-class probabilities [N, Cs]).
-    """
-
-    fn: Callable[..., Tensor]
-    input: str
-    larger_is_better: bool
-    paper: str
-
-
-#: The scores ``rank_models`` and ``python -m torch_logme rank`` know, by name.
-SCORES: Dict[str, ScoreSpec] = {
-    "logme": ScoreSpec(logme, "features", True, "You et al., ICML 2021"),
-    "leep": ScoreSpec(leep, "probs", True, "Nguyen et al., ICML 2020"),
-    "nce": ScoreSpec(_nce_from_probs, "probs", True, "Tran et al., ICCV 2019"),
-    "h_score": ScoreSpec(h_score, "features", True, "Bao et al., ICIP 2019"),
-    "regularized_h_score": ScoreSpec(regularized_h_score, "features", True, "Ibrahim et al., ICLR 2023"),
-    "transrate": ScoreSpec(transrate, "features", True, "Huang et al., ICML 2022"),
-    "gbc": ScoreSpec(gbc, "features", True, "Pándy et al., CVPR 2022"),
-}
 
 
 class ModelScoreError(ValueError):
@@ -157,18 +123,6 @@ def _score_input(name: str, model: Any, score: str) -> Any:
     return model
 
 
-def _check_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    names = (scores,) if isinstance(scores, str) else tuple(scores)
-    if not names:
-        raise ValueError("scores must name at least one score")
-    for s in names:
-        if s not in SCORES:
-            raise ValueError(f"unknown score {s!r}; choose from {', '.join(SCORES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"scores are repeated: {names}")
-    return names
-
-
 def rank_models(
     features_by_model: Union[Mapping[str, Any], Sequence[Any]],
     labels: Any,
@@ -200,7 +154,7 @@ def rank_models(
         ModelScoreError (a ValueError) naming the model and score whose
         input is bad, with the score's own message.
     """
-    names = _check_scores(scores)
+    names = score_names(scores)
     if isinstance(features_by_model, Mapping):
         models = [(str(k), v) for k, v in features_by_model.items()]
     elif isinstance(features_by_model, (list, tuple)):
@@ -344,7 +298,7 @@ def rank_files(
     Raises InputFileError naming the file for unreadable files, files with
     another number of rows than the labels, and inputs a score rejects.
     """
-    scores = _check_scores(scores)
+    scores = score_names(scores)
     make_options(dtype=dtype, device=device)
     paths = [Path(p) for p in feature_paths]
     labels_path = Path(labels_path)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_tensor, prepare, prepare_label_pair
+from ._checks import source_labels as source_labels_of
 from ._options import make_options
 from .scores import (
     SCALE_LIMIT,
@@ -201,8 +202,9 @@ class NCEAccumulator(_NamedSums):
                          check_inputs=check_inputs)
 
     def update(self, source_labels: Any, target_labels: Any) -> None:
-        """Add a batch of hard source labels [B] and target labels [B]."""
-        probe = as_tensor(source_labels, "source_labels")
+        """Add a batch of hard source labels [B] (or source-class probabilities or logits
+        [B, Cs], whose argmax they are) and target labels [B]."""
+        probe = source_labels_of(source_labels, check=self.check_inputs)
         device = self._device(probe.device)
         fixed = all(v is not None for v in self._fixed.values())
         s, t, cs, ct = prepare_label_pair(

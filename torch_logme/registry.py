@@ -1,0 +1,142 @@
+"""The scores by name: one spec per score, which every entry point reads.
+
+``SCORES`` maps a score's name to its :class:`ScoreSpec`: its functional
+form, its streaming accumulator (when it streams), what it reads, which
+direction is better, and its paper. ``accumulator(name, ...)`` builds the
+accumulator of any streaming score. Hooks, checkpoint selection, the
+Lightning callback, the torchmetrics metric, ``rank_models`` and the CLI
+take a score by name through this module, so none of them names a score in
+its code.
+
+Adding a score: its functional form and accumulator in their modules, one
+``ScoreSpec`` in ``_SPECS`` below, its numpy reference in
+``torch_logme.reference`` and one entry in the shared test table
+(``tests/score_table.py``); see docs/design.md, "Adding a score".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+from torch import Tensor
+
+from ._checks import source_labels
+from .functional import logme
+from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
+from .streaming import LogMEAccumulator
+from .streaming_scores import (
+    GBCAccumulator,
+    HScoreAccumulator,
+    NCEAccumulator,
+    RegularizedHScoreAccumulator,
+    TransRateAccumulator,
+)
+
+__all__ = ["SCORES", "ScoreSpec", "INPUTS", "accumulator", "get_score", "score_names"]
+
+#: What a score reads: a model's features [N, D], or its source-class
+#: probabilities [N, Cs] (LEEP; NCE takes their argmax as hard source labels).
+INPUTS = ("features", "probs")
+
+
+def _nce_from_probs(probs: Any, labels: Any, **options: Any) -> Tensor:
+    """NCE of a model given its source-class probabilities [N, Cs] (or hard source labels [N])."""
+    return nce(source_labels(probs), labels, **options)
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """A registered score.
+
+    Attributes:
+        fn: the functional form, ``fn(inputs, labels, *, dtype, device, **options)``
+            -> 0-dim tensor; ``inputs`` as ``input`` says.
+        input: "features" ([N, D]) or "probs" (source-class probabilities [N, Cs]).
+        larger_is_better: the direction of the score (checkpoint selection
+            and ranking follow it).
+        paper: where the score is defined.
+        accumulator_cls: the streaming accumulator, or None when the score
+            cannot stream in one pass (LEEP).
+        name: the registry key.
+    """
+
+    fn: Callable[..., Tensor]
+    input: str
+    larger_is_better: bool
+    paper: str
+    accumulator_cls: Optional[type] = None
+    name: str = ""
+
+    @property
+    def streams(self) -> bool:
+        """Whether the score has an accumulator (one pass over batches, constant memory)."""
+        return self.accumulator_cls is not None
+
+    @property
+    def mode(self) -> str:
+        """"max" or "min": which extreme is best, as checkpoint callbacks spell it."""
+        return "max" if self.larger_is_better else "min"
+
+
+_SPECS: Tuple[ScoreSpec, ...] = (
+    ScoreSpec(logme, "features", True, "You et al., ICML 2021; JMLR 2022", LogMEAccumulator, "logme"),
+    ScoreSpec(leep, "probs", True, "Nguyen et al., ICML 2020", None, "leep"),
+    ScoreSpec(_nce_from_probs, "probs", True, "Tran et al., ICCV 2019", NCEAccumulator, "nce"),
+    ScoreSpec(h_score, "features", True, "Bao et al., ICIP 2019", HScoreAccumulator, "h_score"),
+    ScoreSpec(regularized_h_score, "features", True, "Ibrahim et al., ICLR 2023", RegularizedHScoreAccumulator,
+              "regularized_h_score"),
+    ScoreSpec(transrate, "features", True, "Huang et al., ICML 2022", TransRateAccumulator, "transrate"),
+    ScoreSpec(gbc, "features", True, "Pándy et al., CVPR 2022", GBCAccumulator, "gbc"),
+)
+
+#: Every registered score by name (read-only).
+SCORES: Mapping[str, ScoreSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+
+
+def get_score(name: Any) -> ScoreSpec:
+    """The spec of a registered score; ValueError naming the choices otherwise."""
+    if not isinstance(name, str) or name not in SCORES:
+        raise ValueError(f"unknown score {name!r}; choose from {', '.join(SCORES)}")
+    return SCORES[name]
+
+
+def score_names(scores: Any) -> Tuple[str, ...]:
+    """One score name or a sequence of them, checked: registered, none repeated, at least one."""
+    names = (scores,) if isinstance(scores, str) else tuple(scores)
+    if not names:
+        raise ValueError("scores must name at least one score")
+    for name in names:
+        get_score(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"scores are repeated: {names}")
+    return names
+
+
+def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -> Any:
+    """The streaming accumulator of the score ``name``.
+
+    Args:
+        name: a key of ``SCORES`` whose score streams.
+        num_features: D, the width of the feature batches (feature scores:
+            required); for NCE, the number of source classes (optional,
+            grown from the data when None).
+        **options: the accumulator's own keywords (``num_classes``, ``dtype``,
+            ``device``, ``sync_on_compute``, ``check_inputs`` and the score's
+            settings).
+
+    Every accumulator has ``update / compute / reset / merge / state_dict /
+    load_state_dict / sync``. Raises ValueError for an unknown score, a
+    score that does not stream, or a missing ``num_features``.
+    """
+    spec = get_score(name)
+    if spec.accumulator_cls is None:
+        raise ValueError(
+            f"{name} does not stream: it needs every sample's source probabilities at once; "
+            f"score stored predictions with torch_logme.{spec.fn.__name__} instead"
+        )
+    if spec.input == "probs":
+        return spec.accumulator_cls(num_features, **options)
+    if num_features is None:
+        raise ValueError(f"accumulator({name!r}) needs num_features, the width D of the feature batches")
+    return spec.accumulator_cls(num_features, **options)
