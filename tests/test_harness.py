@@ -172,3 +172,16 @@ def test_two_ranks_equal_functional(tmp_path):
             x, y, _, _ = _inputs(name, "N>D", "cpu", torch.float64)
             assert _close(got[name], SCORES[name].fn(x, y), rtol=1e-10), (rank, name)
 
+
+
+def test_readme_example_by_name(capsys):
+    """The README's "Every score by name" example runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Every score by name"):]
+    block = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out.split()
+    assert [w for w in printed if w in SCORES] == [n for n in NAMES if SCORES[n].input == "features"]
