@@ -78,8 +78,7 @@ def fast_route(f: torch.Tensor, y: torch.Tensor, c: int) -> torch.Tensor:
     """The bare fast route: raw sums, eigh, fixed point; no shift, no bound, no fallback."""
     stats = compute_statistics(f, y, c, True, torch.float64, about_mean=False)
     spec = primal(stats, with_basis=False)
-    result = fixed_point(spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features,
-                         make_options())
+    result = fixed_point(spec, make_options())
     return result.evidence.mean()
 
 

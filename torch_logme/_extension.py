@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +32,8 @@ _LIBRARY = "torch_logme._C"
 # None: not tried yet; then True (loaded) or False (absent or broken).
 _loaded: Optional[bool] = None
 _error: Optional[str] = None
+# Device type -> whether the loaded library has a kernel for it.
+_kernels: Dict[str, bool] = {}
 
 
 def _disabled() -> bool:
@@ -79,8 +81,12 @@ def extension_available(device: Union[str, torch.device] = "cpu") -> bool:
     if _disabled() or not load():
         return False
     device_type = torch.device(device).type
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, key)
+    if device_type not in _kernels:
+        # Which kernels the library registered is fixed once it is loaded: ask the
+        # dispatcher (a private torch API, with no public equivalent) once per device type.
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        _kernels[device_type] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, key)
+    return _kernels[device_type]
 
 
 def fixed_point_op(

@@ -96,38 +96,28 @@ def published_rank(gram: "Tensor | np.ndarray") -> int:
 
 
 def fixed_point(
-    eigenvalues: Tensor,
-    proj_sq: Tensor,
-    target_sq: Tensor,
-    num_samples: int,
-    num_features: int,
-    options: ScoreOptions,
-    whitened_sq: Optional[Tensor] = None,
-    outside_sq: Optional[Tensor] = None,
-    published_rank: Optional[int] = None,
+    spec: "Spectrum", options: ScoreOptions, published_rank: Optional[int] = None
 ) -> FixedPointResult:
-    """Run the published fixed point on every column at once.
+    """Run the published fixed point on every column of a spectrum at once.
 
-    eigenvalues: [k] eigenvalues of F^T F (>= 0).
-    proj_sq: [C, k] squared projections z^2 of each column.
-    target_sq: [C] y^T y of each column.
-    num_samples, num_features: N and D.
-    whitened_sq, outside_sq: optional [C, k] and [C], with
-        proj_sq = eigenvalues * whitened_sq (see Spectrum); when given, the
-        residual is summed from positive terms instead of by subtraction.
+    spec: eigenvalues [k] of F^T F, squared projections z^2 [C, k], y^T y
+        [C], N and D and, for the whitened forms, p^2 [C, k] and the part
+        of y^T y outside the basis [C] (the residual is then summed from
+        positive terms instead of by subtraction).
     published_rank: for ``legacy_evidence`` with N > D, how many
         eigenvalues the published code keeps (``published_rank``); None
         keeps all.
 
-    Runs the compiled op when it serves the device and dtype (see
-    ``torch_logme.extension_available``), else the pure-torch loop.
+    The one place that chooses the backend: the compiled op when it serves
+    the device and dtype (see ``torch_logme.extension_available``) and the
+    spectrum's range, else the pure-torch loop.
     """
-    args = (eigenvalues, proj_sq, target_sq, num_samples, num_features, options, whitened_sq, outside_sq,
-            published_rank)
+    args = (spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features, options,
+            spec.whitened_sq, spec.outside_sq, published_rank)
     if (
-        eigenvalues.dtype in _COMPILED_DTYPES
-        and _extension.extension_available(eigenvalues.device)
-        and _within_compiled_range(eigenvalues)
+        spec.eigenvalues.dtype in _COMPILED_DTYPES
+        and _extension.extension_available(spec.eigenvalues.device)
+        and _within_compiled_range(spec.eigenvalues)
     ):
         return _fixed_point_compiled(*args)
     return _fixed_point_torch(*args)

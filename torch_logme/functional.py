@@ -49,10 +49,7 @@ def _attempt(
         spec = decompose()
     except torch.linalg.LinAlgError:  # non-finite or pathological sums: let the next route try
         return None, None, False
-    result = fixed_point(
-        spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features, options,
-        whitened_sq=spec.whitened_sq, outside_sq=spec.outside_sq, published_rank=rank,
-    )
+    result = fixed_point(spec, options, rank)
     if rtol is None:
         return spec, result, True
     error = roundoff_error(spec, result)
