@@ -7,7 +7,7 @@ section 4). This script times, side by side in one
 run, on the same features:
 
 * well-conditioned features (Gaussian, ReLU): ``logme`` against the bare
-  fast route (statistics, eigh, fixed point, nothing else): the overhead of
+  fast route (sums, eigh, fixed point, nothing else): the overhead of
   the checks, which should be small;
 * features that need the precise route (a large offset, columns of very
   different scales): ``logme`` against the bare fast route, with each

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_logme import LogME, logme, statistics
+from torch_logme import LogME, logme, sums
 
 from conftest import make_features
 
@@ -71,8 +71,8 @@ def no_heavy_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("heavy work started before the input was rejected")
 
-    monkeypatch.setattr(statistics, "row_chunks", forbidden)
-    monkeypatch.setattr(statistics, "column_chunks", forbidden)
+    monkeypatch.setattr(sums, "row_chunks", forbidden)
+    monkeypatch.setattr(sums, "column_chunks", forbidden)
     monkeypatch.setattr(torch.linalg, "eigh", forbidden)
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._validators import boolean, positive_int
+
 
 @dataclass(frozen=True)
 class Inputs:
@@ -140,13 +142,11 @@ def prepare(
     ``check_values=False`` skips the checks that read values back to the
     host (NaN/Inf, label range); it needs ``num_classes`` for labels.
     """
-    if not isinstance(regression, bool):
-        raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
+    boolean(regression, "regression")
     if num_classes is not None:
         if regression:
             raise ValueError("num_classes applies to classification only; got regression=True")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        positive_int(num_classes, "num_classes")
     f = as_tensor(features, "features")
     y = as_tensor(targets, "targets")
     _check_features(f, 1 if batch else 2)

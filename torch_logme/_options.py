@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 
+from ._validators import boolean, one_of, positive_float, positive_int
 METHODS = ("fixed_point", "icml")
 ABSENT_CLASSES = ("count", "skip")
 SOLVERS = ("eigh", "svd")
@@ -64,25 +65,17 @@ def make_options(
     Raises ValueError (or TypeError for a wrong type) naming the option and
     what it accepts. ``tol=None`` picks the method's published tolerance.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    one_of(method, "method", METHODS)
+    one_of(solver, "solver", SOLVERS)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    if tol is None:
-        tol = DEFAULT_TOL[method]
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0 or tol != tol:
-        raise ValueError(f"tol must be a positive float, got {tol!r}")
-    if absent_classes not in ABSENT_CLASSES:
-        raise ValueError(f"absent_classes must be one of {ABSENT_CLASSES}, got {absent_classes!r}")
-    if not isinstance(legacy_evidence, bool):
-        raise TypeError(f"legacy_evidence must be a bool, got {type(legacy_evidence).__name__}")
+    positive_int(max_iter, "max_iter")
+    tol = positive_float(DEFAULT_TOL[method] if tol is None else tol, "tol")
+    one_of(absent_classes, "absent_classes", ABSENT_CLASSES)
+    boolean(legacy_evidence, "legacy_evidence")
     if device is not None:
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"device must name a torch device, got {device!r}") from err
-    return ScoreOptions(dtype, device, max_iter, float(tol), method, solver, legacy_evidence, absent_classes)
+    return ScoreOptions(dtype, device, max_iter, tol, method, solver, legacy_evidence, absent_classes)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._checks import as_tensor, prepare
 from ._options import make_options
+from ._validators import boolean
 from .functional import reduce_columns, solve
 
 
@@ -59,9 +60,7 @@ class LogME:
         legacy_evidence: bool = False,
         absent_classes: str = "count",
     ) -> None:
-        if not isinstance(regression, bool):
-            raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
-        self.regression = regression
+        self.regression = boolean(regression, "regression")
         self.options = make_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
             solver=solver, legacy_evidence=legacy_evidence, absent_classes=absent_classes,

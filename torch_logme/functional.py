@@ -16,6 +16,7 @@ from torch import Tensor
 from . import spectrum as _spectrum
 from ._checks import Inputs, prepare
 from ._options import ScoreOptions, make_options
+from ._validators import one_of
 from .evidence import FixedPointResult, fixed_point, published_rank, roundoff_error
 from .sums import SufficientStatistics, compute_statistics
 
@@ -228,8 +229,7 @@ def logme(
         A tensor on the compute device in ``dtype``: the log evidence per
         sample. Larger is better; compare models only on the same data.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    one_of(reduction, "reduction", REDUCTIONS)
     options = make_options(
         dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
         solver=solver, legacy_evidence=legacy_evidence, absent_classes=absent_classes,
@@ -253,8 +253,7 @@ def reduce_columns(
     default, with a warning; ``absent_classes="skip"`` leaves such columns
     out ("none" then returns the present classes only).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    one_of(reduction, "reduction", REDUCTIONS)
     if classification:
         absent = counts == 0
         if bool(absent.any()):

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ._checks import prepare, prepare_label_pair, prepare_probabilities
 from ._options import make_options
+from ._validators import positive_float
 from .sums import CHUNK_BYTES, CONSTANT_COLUMN_EPS, add_gram_, add_rows_, int_shifted, symmetric
 
 __all__ = [
@@ -309,12 +310,6 @@ def _rcond(rcond: Optional[float], dtype: torch.dtype) -> float:
     if isinstance(rcond, bool) or not isinstance(rcond, (int, float)) or not 0 <= rcond < 1:
         raise ValueError(f"rcond must be a float in [0, 1), got {rcond!r}")
     return float(rcond)
-
-
-def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == math.inf:
-        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -1065,7 +1060,7 @@ def transrate(
         compute dtype raise a ValueError.
     """
     dtype, device = _resolve(dtype, device)
-    eps = _positive(eps, "eps")
+    eps = positive_float(eps, "eps")
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     n = inputs.num_samples
@@ -1212,7 +1207,7 @@ def gbc(
         relative to the features' magnitude, underflows the compute dtype.
     """
     dtype, device = _resolve(dtype, device)
-    min_variance = _positive(min_variance, "min_variance")
+    min_variance = positive_float(min_variance, "min_variance")
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     f = inputs.features
     with torch.no_grad():

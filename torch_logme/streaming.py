@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._checks import Inputs, as_tensor, prepare
 from ._options import make_options
+from ._validators import boolean, one_of, positive_int
 from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
 from .sums import SufficientStatistics
 
@@ -356,17 +357,14 @@ class LogMEAccumulator(SumAccumulator):
         absent_classes: str = "count",
     ) -> None:
         super().__init__(sync_on_compute=sync_on_compute)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not isinstance(regression, bool):
-            raise TypeError(f"regression must be a bool, got {type(regression).__name__}")
+        positive_int(num_features, "num_features")
+        boolean(regression, "regression")
         if regression and num_classes is not None:
             raise ValueError("num_classes applies to classification only; use num_targets with regression=True")
         if not regression and num_targets is not None:
             raise ValueError("num_targets applies to regression only; use num_classes for classification")
-        for name, value in (("num_classes", num_classes), ("num_targets", num_targets)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int(num_classes, "num_classes", optional=True)
+        positive_int(num_targets, "num_targets", optional=True)
         self.options = make_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
             legacy_evidence=legacy_evidence, absent_classes=absent_classes,
@@ -480,8 +478,7 @@ class LogMEAccumulator(SumAccumulator):
             self._count += inputs.num_samples
 
     def _compute(self, states: Mapping[str, Tensor], reduction: str = "mean") -> Tensor:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        one_of(reduction, "reduction", REDUCTIONS)
         n = int(states["num_samples"].item())
         if n < 2:
             raise ValueError(f"LogME needs at least 2 samples, got N = {n}; call update() first")

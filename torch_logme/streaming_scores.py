@@ -35,10 +35,10 @@ from torch import Tensor
 from ._checks import as_tensor, prepare, prepare_label_pair
 from ._checks import source_labels as source_labels_of
 from ._options import make_options
+from ._validators import boolean, positive_float, positive_int
 from .scores import (
     SCALE_LIMIT,
     ClassMoments,
-    _positive,
     _rcond,
     class_gram_blocks,
     framed,
@@ -68,14 +68,6 @@ __all__ = [
 Device = Union[str, torch.device, None]
 
 
-def _positive_int(value: Any, name: str, optional: bool = True) -> Optional[int]:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 class _NamedSums(SumAccumulator):
     """Sum-states whose shapes are named sizes; a size left unset grows on update.
 
@@ -95,9 +87,7 @@ class _NamedSums(SumAccumulator):
     ) -> None:
         super().__init__(sync_on_compute=sync_on_compute)
         self.options = make_options(dtype=dtype, device=device)
-        if not isinstance(check_inputs, bool):
-            raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
-        self.check_inputs = check_inputs
+        self.check_inputs = boolean(check_inputs, "check_inputs")
         self._fixed = dict(sizes)
         self._dims = {name: (value or 0) for name, value in sizes.items()}
         self._allocated = False
@@ -195,8 +185,8 @@ class NCEAccumulator(_NamedSums):
         check_inputs: bool = True,
     ) -> None:
         sizes = {
-            "num_source_classes": _positive_int(num_source_classes, "num_source_classes"),
-            "num_target_classes": _positive_int(num_target_classes, "num_target_classes"),
+            "num_source_classes": positive_int(num_source_classes, "num_source_classes", optional=True),
+            "num_target_classes": positive_int(num_target_classes, "num_target_classes", optional=True),
         }
         super().__init__(sizes, dtype=dtype, device=device, sync_on_compute=sync_on_compute,
                          check_inputs=check_inputs)
@@ -266,8 +256,8 @@ class _FeatureSums(_NamedSums):
         # features), so that batches must be shifted in float64.
         self._wide = False
         sizes = {
-            "num_features": _positive_int(num_features, "num_features", optional=False),
-            "num_classes": _positive_int(num_classes, "num_classes"),
+            "num_features": positive_int(num_features, "num_features"),
+            "num_classes": positive_int(num_classes, "num_classes", optional=True),
         }
         super().__init__(sizes, dtype=dtype, device=device, sync_on_compute=sync_on_compute,
                          check_inputs=check_inputs)
@@ -643,7 +633,7 @@ class TransRateAccumulator(_FeatureSums):
     ) -> None:
         super().__init__(num_features, num_classes, dtype=dtype, device=device,
                          sync_on_compute=sync_on_compute, check_inputs=check_inputs)
-        self.eps = _positive(eps, "eps")
+        self.eps = positive_float(eps, "eps")
 
     def _add(self, features: Tensor, labels: Tensor, shift: Tensor, scale: Tensor) -> None:
         states = self._states
@@ -705,7 +695,7 @@ class GBCAccumulator(_FeatureSums):
     ) -> None:
         super().__init__(num_features, num_classes, dtype=dtype, device=device,
                          sync_on_compute=sync_on_compute, check_inputs=check_inputs)
-        self.min_variance = _positive(min_variance, "min_variance")
+        self.min_variance = positive_float(min_variance, "min_variance")
 
     def _second_moments(self, states: Mapping[str, Tensor]) -> Tensor:
         return states["squares"]
