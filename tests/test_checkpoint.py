@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+from types import MappingProxyType
 
 import pytest
 import torch
 from torch import nn
 
-from torch_logme import logme
+from torch_logme import SCORES, LogMEAccumulator, logme
 from torch_logme.checkpoint import CheckpointSelector, atomic_save
 
 
@@ -125,3 +126,69 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="method"):
         CheckpointSelector(model, "0", [], tmp_path, method="nope")
     assert all(not m._forward_hooks for m in model.modules())
+
+
+# -- selecting on any streaming score -------------------------------------------------
+
+
+def test_selects_on_another_score(tmp_path):
+    name = "h_score"
+    x, y = task(seed=2)
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score=name, num_classes=3)
+    assert selector.score_name == name and selector.spec is SCORES[name]
+    for epoch in range(3):
+        train_epoch(model, epoch)
+        value = selector.step()
+        with torch.no_grad():
+            assert value == pytest.approx(float(SCORES[name].fn(model[0](x), y)), rel=1e-10)
+    scores = [s for _, s in selector.history]
+    assert selector.best_score == max(scores)
+    assert selector.state_dict()["score"] == name
+    other = CheckpointSelector(model, "0", loader_of(x, y), tmp_path / "other", num_classes=3)
+    with pytest.raises(ValueError, match="selecting on 'h_score', this selector selects on 'logme'"):
+        other.load_state_dict(selector.state_dict())
+    legacy = {k: v for k, v in selector.state_dict().items() if k != "score"}  # saved before scores had names
+    again = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score=name, num_classes=3)
+    again.load_state_dict(legacy)
+    assert again.best_epoch == selector.best_epoch
+
+
+def test_a_smaller_is_better_score_keeps_the_minimum(tmp_path, monkeypatch):
+    from torch_logme import registry
+
+    # LogME under a spec that says smaller is better: the selector must keep its smallest epoch.
+    fake = registry.ScoreSpec(logme, "features", False, "test", LogMEAccumulator, "lower_logme")
+    monkeypatch.setattr(registry, "SCORES", MappingProxyType({**registry.SCORES, "lower_logme": fake}))
+    x, y = task()
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score="lower_logme", num_classes=3)
+    saved = {}
+    for epoch in range(3):
+        train_epoch(model, epoch)
+        selector.step()
+        saved[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = [s for _, s in selector.history]
+    best = min(range(3), key=scores.__getitem__)
+    assert scores[best] < max(scores)
+    assert selector.best_epoch == best and selector.best_score == min(scores)
+    train_epoch(model, best)  # the same weights again: a tie keeps the earlier epoch
+    assert selector.step() == scores[best] and selector.best_epoch == best
+    kept = torch.load(selector.path)
+    assert all(torch.equal(kept[k], saved[best][k]) for k in kept)
+
+
+def test_bad_scores_raise_before_any_epoch(tmp_path):
+    model = make_model()
+    with pytest.raises(ValueError, match="unknown score 'logmee'; choose from logme, "):
+        CheckpointSelector(model, "0", [], tmp_path, score="logmee")
+    with pytest.raises(ValueError, match="'leep' does not stream"):
+        CheckpointSelector(model, "0", [], tmp_path, score="leep")
+    with pytest.raises(TypeError, match="one score"):
+        CheckpointSelector(model, "0", [], tmp_path, score=["logme", "gbc"])
+    with pytest.raises(TypeError, match="one score"):
+        CheckpointSelector(model, "0", [], tmp_path, scores="gbc")
+    with pytest.raises(TypeError, match="gbc takes no option 'method'"):
+        CheckpointSelector(model, "0", [], tmp_path, score="gbc", method="icml")
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not any(tmp_path.iterdir())  # nothing written

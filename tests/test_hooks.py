@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from torch_logme import logme
+from torch_logme import SCORES, logme
 from torch_logme.hooks import LayerScorer, score_layers
+from torch_logme.registry import DEFAULT_SCORE
 
 RTOL = 1e-10
 
@@ -214,4 +215,132 @@ def test_bad_arguments(layers, kwargs, exc, match):
     model = make_model("cpu")
     with pytest.raises(exc, match=match):
         LayerScorer(model, layers, **kwargs)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+# -- any registered streaming score, one or several at once -------------------------
+
+STREAMING = [name for name, spec in SCORES.items() if spec.streams]
+
+
+@pytest.mark.parametrize("name", STREAMING)
+def test_every_streaming_score_equals_its_functional_form(name, device):
+    model = make_model(device)
+    batches = make_batches(device, seed=4)
+    inputs = [x.clone() for x, _ in batches]
+    # num_classes is shared under every accumulator's own name for it (NCE's num_target_classes).
+    with score_layers(model, ["0", "2"], scores=name, num_classes=3) as scorer:
+        for x, y in batches:
+            scorer.labels(y)
+            model(x)
+    assert all(torch.equal(a, x) for a, (x, _) in zip(inputs, batches))  # inputs untouched
+    scores = scorer.compute()
+    assert list(scores) == ["0", "2"] and scorer.scores == (name,)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        # "2" returns [B, 4] logits: the source-class predictions a "probs" score reads.
+        expected = {"0": model[0](x), "2": model(x)}
+    for layer, feats in expected.items():
+        want = SCORES[name].fn(feats, y)
+        assert scores[layer].dim() == 0 and torch.isfinite(scores[layer])
+        assert close(scores[layer], want), (name, layer, float(scores[layer]), float(want))
+        assert scores[layer].device.type == device
+        assert isinstance(scorer.accumulators[layer], SCORES[name].accumulator_cls)
+
+
+def test_several_scores_give_nested_results_equal_to_single_score_calls():
+    model = make_model("cpu")
+    batches = make_batches("cpu", seed=5)
+
+    def run(scores, **options):
+        with score_layers(model, ["0", "2"], scores=scores, **options) as scorer:
+            for x, y in batches:
+                scorer.labels(y)
+                model(x)
+        return scorer
+
+    several = run(STREAMING, num_classes=3)
+    nested = several.compute()
+    assert list(nested) == ["0", "2"] and all(list(v) == STREAMING for v in nested.values())
+    for name in STREAMING:
+        single = run(name, num_classes=3).compute()
+        for layer in ("0", "2"):
+            assert torch.equal(nested[layer][name], single[layer]), (name, layer)
+    # accumulators mirrors compute(): layer -> score -> accumulator.
+    accs = several.accumulators
+    assert all(isinstance(accs["0"][name], SCORES[name].accumulator_cls) for name in STREAMING)
+    several.reset()
+    assert int(accs["2"][DEFAULT_SCORE].state_dict()["num_samples"]) == 0
+    # A sequence of one name is still keyed by score.
+    one = run([DEFAULT_SCORE], num_classes=3)
+    assert torch.equal(one.compute()["2"][DEFAULT_SCORE], nested["2"][DEFAULT_SCORE])
+    assert list(one.accumulators["2"]) == [DEFAULT_SCORE]
+
+
+def test_shared_and_per_score_options():
+    model = make_model("cpu")
+    x, y = make_batches("cpu")[0]
+    scorer = score_layers(
+        model, "0", scores=("logme", "nce", "transrate", "gbc"), num_classes=3, dtype=torch.float32,
+        score_options={"logme": {"method": "icml"}, "transrate": {"eps": 1e-3}, "gbc": {"dtype": torch.float64}},
+    )
+    assert scorer.accumulators == {"0": None}  # made at the first batch
+    scorer.labels(y)
+    model(x)
+    scorer.remove()
+    accs = scorer.accumulators["0"]
+    assert accs["logme"].options.method == "icml" and accs["logme"].options.dtype == torch.float32
+    assert accs["transrate"].eps == 1e-3 and accs["transrate"].dtype == torch.float32
+    assert accs["gbc"].dtype == torch.float64  # a score's own option wins over the shared one
+    assert accs["nce"].state_dict()["config"]["fixed"]["num_target_classes"] == 3
+    with torch.no_grad():
+        feats = model[0](x)
+    assert close(accs["gbc"].compute(), SCORES["gbc"].fn(feats, y))
+
+
+def test_reduction_with_several_scores():
+    model = make_model("cpu")
+    x, y = make_batches("cpu")[0]
+    with score_layers(model, "2", scores=["logme", "h_score"], num_classes=3) as scorer:
+        scorer.labels(y)
+        model(x)
+    with pytest.raises(ValueError, match=r"reduction='none' needs per-class scores, but h_score gives one number"):
+        scorer.compute(reduction="none")
+    with score_layers(model, "2", scores=["logme"], num_classes=3) as per_class:
+        per_class.labels(y)
+        model(x)
+    with torch.no_grad():
+        want = logme(model(x), y, num_classes=3, reduction="none")
+    assert close(per_class.compute(reduction="none")["2"]["logme"], want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"scores": "leep"}, ValueError, r"score 'leep' does not stream .* choose from logme, "),
+        ({"scores": ["logme", "leep"]}, ValueError, "'leep' does not stream"),
+        ({"scores": "logmee"}, ValueError, "unknown score 'logmee'; choose from logme, "),
+        ({"scores": 3}, TypeError, "scores must be a score name or a sequence"),
+        ({"scores": {"gbc"}}, TypeError, "got set"),
+        ({"scores": ()}, ValueError, "at least one"),
+        ({"scores": ["gbc", "gbc"]}, ValueError, "repeated"),
+        ({"scores": ["logme", "gbc"], "regression": True}, TypeError,
+         r"option 'regression' goes to every score, but gbc does not take it.*score_options=\{'logme'"),
+        ({"scores": "gbc", "eps": 1.0}, TypeError, "gbc takes no option 'eps'; its options: .*min_variance"),
+        ({"scores": ["gbc"], "score_options": {"logme": {}}}, ValueError, "not requested: \\['logme'\\]"),
+        ({"scores": ["gbc"], "score_options": {"gbc": {"eps": 1.0}}}, TypeError, r"score_options\['gbc'\]"),
+        ({"scores": ["gbc"], "score_options": {"gbc": {"min_variance": -1.0}}}, ValueError, "min_variance"),
+        ({"scores": ["gbc"], "score_options": {"gbc": {"device": "cpu"}}}, TypeError, "device"),
+        ({"scores": ["gbc"], "score_options": ["gbc"]}, TypeError, "score_options must map"),
+        ({"scores": "nce", "num_classes": 3, "num_target_classes": 3}, TypeError,
+         "nce: 'num_classes' and 'num_target_classes' are the same option"),
+        ({"scores": ["logme", "transrate"], "dtype": torch.float16}, ValueError, "dtype"),
+        ({"scores": ["logme", "h_score"], "num_features": 0}, ValueError, "num_features"),
+    ],
+)
+def test_bad_scores_and_options_raise_before_any_forward_pass(kwargs, exc, match):
+    model = make_model("cpu")
+    with pytest.raises(exc, match=match):
+        LayerScorer(model, "0", **kwargs)
     assert all(not m._forward_hooks for m in model.modules())

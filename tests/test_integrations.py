@@ -169,3 +169,83 @@ def test_lightning_callback_drives_model_checkpoint(tmp_path):
     assert float(ckpt.best_model_score) == pytest.approx(scores[best])
     assert all(not m._forward_hooks for m in model.modules())  # hooks removed after each epoch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written elsewhere
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # Lightning's own use of a torch API
+def test_score_callback_logs_other_scores(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from torch_logme import SCORES
+    from torch_logme.integrations.lightning import ScoreCallback
+
+    from test_checkpoint import SCHEDULE, task
+
+    x, y = task(n=96)
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    model = _lightning_module(pl, SCHEDULE)
+    # Two callbacks of one class in one Trainer: their state keys differ by the logged key.
+    h_cb = ScoreCallback("features", score="h_score", num_classes=3)
+    nce_cb = ScoreCallback("head", score="nce", key="val/nce_of_head")  # the head's logits [B, 3]
+    assert (h_cb.key, h_cb.mode, h_cb.score_name) == ("val/h_score", SCORES["h_score"].mode, "h_score")
+    assert h_cb.state_key != nce_cb.state_key
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=h_cb.key, mode=h_cb.mode, save_top_k=1,
+                           filename="{epoch}")
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=1, limit_train_batches=2,
+        default_root_dir=tmp_path, callbacks=[h_cb, nce_cb, ckpt],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
+
+    assert [e for e, _ in h_cb.history] == [0, 1, 2]
+    for epoch, score in h_cb.history:
+        with torch.no_grad():
+            feats = x @ SCHEDULE[epoch].T + model.features.bias
+        assert score == pytest.approx(float(SCORES["h_score"].fn(feats, y)), rel=1e-6)
+    scores = [s for _, s in h_cb.history]
+    assert float(trainer.callback_metrics["val/h_score"]) == pytest.approx(scores[-1])
+    best = max(range(3), key=scores.__getitem__)
+    assert re.search(rf"epoch={best}\.ckpt$", ckpt.best_model_path)
+    # NCE of the trained head's predictions after the last epoch.
+    with torch.no_grad():
+        want = float(SCORES["nce"].fn(model(x), y))
+    assert nce_cb.history[-1] == (2, pytest.approx(want, rel=1e-10))
+    assert float(trainer.callback_metrics["val/nce_of_head"]) == pytest.approx(want)
+    assert "val/logme" not in trainer.callback_metrics
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_score_callback_arguments(monkeypatch):
+    pytest.importorskip("lightning.pytorch")
+    from types import MappingProxyType
+
+    from torch_logme import registry
+    from torch_logme.integrations.lightning import LogMECallback, ScoreCallback
+
+    fake = registry.ScoreSpec(logme, "features", False, "test", LogMEAccumulator, "lower_logme")
+    monkeypatch.setattr(registry, "SCORES", MappingProxyType({**registry.SCORES, "lower_logme": fake}))
+    lower = ScoreCallback("features", score="lower_logme")
+    assert (lower.key, lower.mode) == ("val/lower_logme", "min")
+    default = ScoreCallback("features")
+    name = registry.DEFAULT_SCORE
+    assert (default.score_name, default.key, default.mode) == (name, f"val/{name}", registry.SCORES[name].mode)
+    legacy = LogMECallback("features", num_classes=3)
+    assert (legacy.score_name, legacy.key, legacy.mode) == ("logme", "val/logme", "max")
+    assert legacy.state_key == "LogMECallback"  # where older checkpoints keep its history
+    ScoreCallback("features", score="transrate", num_classes=3, score_options={"transrate": {"eps": 1e-3}})
+    with pytest.raises(ValueError, match="'leep' does not stream"):
+        ScoreCallback("features", score="leep")
+    with pytest.raises(ValueError, match="unknown score 'logmee'"):
+        ScoreCallback("features", score="logmee")
+    with pytest.raises(TypeError, match="one score"):
+        ScoreCallback("features", score=["logme", "gbc"])
+    with pytest.raises(TypeError, match="gbc takes no option 'method'"):
+        ScoreCallback("features", score="gbc", method="icml")
+    with pytest.raises(ValueError, match="not requested"):
+        ScoreCallback("features", score="gbc", score_options={"logme": {}})
+    with pytest.raises(TypeError, match="use ScoreCallback"):
+        LogMECallback("features", score="gbc")

@@ -1,9 +1,10 @@
-"""Checkpoint selection by LogME: after each epoch, score a layer, keep the best.
+"""Checkpoint selection by a transferability score: after each epoch, score a layer, keep the best.
 
-``CheckpointSelector(model, layer, loader, directory)`` runs the model over
-the target task's loader with a forward hook on ``layer``
-(:mod:`torch_logme.hooks`), and when the score beats every earlier epoch it
-writes ``model.state_dict()`` to ``directory/best.pt``. The file is replaced
+``CheckpointSelector(model, layer, loader, directory, score="logme")`` runs
+the model over the target task's loader with a forward hook on ``layer``
+(:mod:`torch_logme.hooks`), and when the score beats every earlier epoch
+(in the score's direction, ``SCORES[score].larger_is_better``) it writes
+``model.state_dict()`` to ``directory/best.pt``. The file is replaced
 atomically (temporary file in the same directory, fsync, ``os.replace``), so
 a crash mid-write leaves the previous best intact.
 """
@@ -20,7 +21,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import registry
 from .hooks import Layer, LayerScorer
+from .registry import DEFAULT_SCORE
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,15 +83,20 @@ class CheckpointSelector:
         loader: iterable of ``(inputs, labels)`` batches of the target task;
             ``model(inputs)`` is called for each, in eval mode, under no_grad.
         directory: where the best checkpoint goes (created if missing).
+        score: the name of a streaming score of :data:`torch_logme.SCORES`
+            (default ``"logme"``); the best epoch is its largest value, or
+            its smallest for a score whose ``larger_is_better`` is False.
         filename: name of the checkpoint file (default ``best.pt``).
         device: where to move ``inputs``; default: the device of the model's
             first parameter. The labels are moved to the features' device.
         on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
-            (e.g. ``on="input"``, ``num_classes=10``).
+            (e.g. ``on="input"``, ``num_classes=10``, ``score_options=``).
 
     After :meth:`step`, ``history`` is the list of (epoch, score), and
     ``best_epoch`` / ``best_score`` name the epoch in ``path``. A tie keeps
-    the earlier epoch.
+    the earlier epoch; an epoch that scores NaN is never the best.
+    ``score_name`` and ``spec`` (its :class:`~torch_logme.ScoreSpec`) name
+    the score.
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class CheckpointSelector:
         loader: Iterable,
         directory: PathLike,
         *,
+        score: str = DEFAULT_SCORE,
         filename: str = "best.pt",
         device: Union[str, torch.device, None] = None,
         on: str = "output",
@@ -106,22 +115,26 @@ class CheckpointSelector:
     ) -> None:
         if not isinstance(layer, (str, nn.Module)):
             raise TypeError(f"layer must be one module or dotted name, got {type(layer).__name__}")
-        # Resolve the layer and check the options now rather than after the first epoch.
-        LayerScorer(model, layer, on=on, transform=transform, **options).remove()
+        if not isinstance(score, str) or "scores" in options:
+            raise TypeError("CheckpointSelector selects on one score: give its name as score= (a str)")
+        # Resolve the layer and check the score and options now rather than after the first epoch.
+        LayerScorer(model, layer, scores=score, on=on, transform=transform, **options).remove()
         self.model = model
         self.layer = layer
         self.loader = loader
+        self.score_name = score
+        self.spec = registry.get_score(score)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / filename
         self.device = torch.device(device) if device is not None else None
-        self._scorer_kwargs: Dict[str, Any] = dict(on=on, transform=transform, **options)
+        self._scorer_kwargs: Dict[str, Any] = dict(scores=score, on=on, transform=transform, **options)
         self.history: List[Tuple[int, float]] = []
         self.best_epoch: Optional[int] = None
         self.best_score: Optional[float] = None
 
     def score(self) -> float:
-        """LogME of the layer's features over the loader, for the model as it is now."""
+        """The score of the layer's features over the loader, for the model as it is now."""
         device = self.device or _model_device(self.model)
         was_training = self.model.training
         self.model.eval()
@@ -141,16 +154,27 @@ class CheckpointSelector:
             epoch = self.history[-1][0] + 1 if self.history else 0
         value = self.score()
         self.history.append((epoch, value))
-        if not math.isnan(value) and (self.best_score is None or value > self.best_score):
+        if not math.isnan(value) and (self.best_score is None or self._better(value, self.best_score)):
             atomic_save(self.model.state_dict(), self.path)
             self.best_epoch, self.best_score = epoch, value
         return value
 
+    def _better(self, value: float, best: float) -> bool:
+        """Whether ``value`` beats ``best`` strictly (a tie keeps the earlier epoch)."""
+        return value > best if self.spec.larger_is_better else value < best
+
     def state_dict(self) -> Dict[str, Any]:
-        """History and best so far, to resume selection after a restart."""
-        return {"history": list(self.history), "best_epoch": self.best_epoch, "best_score": self.best_score}
+        """History and best so far, and the score's name, to resume selection after a restart."""
+        return {"history": list(self.history), "best_epoch": self.best_epoch, "best_score": self.best_score,
+                "score": self.score_name}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (a state without a score's name is taken as this score's)."""
+        saved = state.get("score", self.score_name)
+        if saved != self.score_name:
+            raise ValueError(
+                f"the state was saved while selecting on {saved!r}, this selector selects on {self.score_name!r}: "
+                "its best score is not comparable"
+            )
         self.history = [(int(e), float(s)) for e, s in state["history"]]
         self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]

@@ -1,9 +1,11 @@
-"""Score layers of a model with LogME while it runs, through forward hooks.
+"""Score layers of a model while it runs, through forward hooks.
 
 ``score_layers(model, layers, ...)`` attaches one forward hook per layer.
 Each hook flattens the layer's output (or input) to [B, D], detaches it and
-adds it, with the labels of the current batch, to that layer's
-:class:`~torch_logme.LogMEAccumulator`. The evaluation loop keeps its shape:
+adds it, with the labels of the current batch, to that layer's streaming
+accumulator: one per score, any streaming score of
+:data:`torch_logme.SCORES` (LogME by default). The evaluation loop keeps
+its shape:
 
     with score_layers(model, ["layer3", "fc"], num_classes=10) as scorer:
         for x, y in loader:
@@ -11,19 +13,26 @@ adds it, with the labels of the current batch, to that layer's
             model(x)
     scores = scorer.compute()       # {"layer3": tensor(..), "fc": tensor(..)}
 
+``scores=("logme", "h_score")`` scores every layer with both in the same
+passes; ``compute()`` then returns ``{layer: {score: tensor}}``.
+
 The accumulators live on the device of the features they receive, so the
 features never leave that device; only the labels are moved to it.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import (
+    Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast,
+)
 
 import torch
 from torch import Tensor, nn
 
-from .streaming import LogMEAccumulator
+from . import registry
+from .registry import DEFAULT_SCORE
 
 Layer = Union[str, nn.Module]
 ONS = ("output", "input")
@@ -65,15 +74,155 @@ def resolve_layers(model: nn.Module, layers: Union[Layer, Sequence[Layer]]) -> D
     return out
 
 
-def check_options(on: str, transform: Any, options: Mapping[str, Any]) -> None:
-    """Raise now, not in the first forward pass, for a bad ``on``, ``transform`` or accumulator option."""
+# An option every score reads under one name, which an accumulator may spell otherwise:
+# the target task's classes are "num_classes" everywhere, "num_target_classes" where
+# the accumulator counts source classes too.
+_ALIASES = {"num_classes": "num_target_classes"}
+
+
+def streaming_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """Check ``scores`` (one name or a sequence of names) and return them as a tuple.
+
+    Raises:
+        TypeError: ``scores`` is neither a str nor a sequence of names.
+        ValueError: an unknown or repeated name, none at all, or a score that
+            does not stream (hooks see one batch at a time).
+    """
+    if not isinstance(scores, (str, Sequence)):
+        raise TypeError(
+            f"scores must be a score name or a sequence (list, tuple) of names, got {type(scores).__name__}"
+        )
+    names = registry.score_names(scores)
+    for name in names:
+        spec = registry.get_score(name)
+        if not spec.streams:
+            streaming = ", ".join(n for n, other in registry.SCORES.items() if other.streams)
+            raise ValueError(
+                f"score {name!r} does not stream (it needs every sample's predictions at once), so hooks cannot "
+                f"feed it batch by batch; choose from {streaming}, or score stored predictions with "
+                f"torch_logme.{spec.fn.__name__}"
+            )
+    return names
+
+
+def _accepted(cls: type) -> Optional[FrozenSet[str]]:
+    """The keywords an accumulator class takes after its first argument (None: any, it has **kwargs)."""
+    params = list(inspect.signature(cls).parameters.values())
+    if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        params = params[1:]  # where registry.accumulator puts num_features
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+
+
+def _spelled(key: str, accepted: Optional[FrozenSet[str]]) -> Optional[str]:
+    """How the accumulator spells the option ``key``, or None when it does not take it."""
+    if accepted is None or key in accepted:
+        return key
+    alias = _ALIASES.get(key)
+    return alias if alias is not None and alias in accepted else None
+
+
+def _option_names(accepted: Optional[FrozenSet[str]]) -> str:
+    if accepted is None:
+        return "any keyword"
+    names = set(accepted) | {key for key, alias in _ALIASES.items() if alias in accepted}
+    return ", ".join(sorted(names - {"device"}))
+
+
+def _score_options(
+    names: Tuple[str, ...], options: Mapping[str, Any], score_options: Optional[Mapping[str, Mapping[str, Any]]]
+) -> Dict[str, Dict[str, Any]]:
+    """Score name -> the keywords its accumulator gets: ``options`` for every score, then its own."""
+    if score_options is None:
+        score_options = {}
+    if not isinstance(score_options, Mapping) or not all(isinstance(v, Mapping) for v in score_options.values()):
+        raise TypeError(
+            "score_options must map score names to dicts of options, e.g. {'gbc': {'min_variance': 1e-3}}"
+        )
+    unknown = [name for name in score_options if name not in names]
+    if unknown:
+        raise ValueError(f"score_options for scores not requested: {unknown}; requested: {list(names)}")
+    # Every name streams (streaming_scores checked): each has an accumulator class.
+    accepted = {name: _accepted(cast(type, registry.get_score(name).accumulator_cls)) for name in names}
+    for key in options:
+        refusing = [name for name in names if _spelled(key, accepted[name]) is None]
+        if not refusing:
+            continue
+        if len(names) == 1:
+            raise TypeError(f"{names[0]} takes no option {key!r}; its options: {_option_names(accepted[names[0]])}")
+        taking = [name for name in names if name not in refusing]
+        hint = (f"pass it for the scores that take it, e.g. score_options={{{taking[0]!r}: {{{key!r}: ...}}}}"
+                if taking else "none of the chosen scores takes it")
+        raise TypeError(
+            f"option {key!r} goes to every score, but {', '.join(refusing)} "
+            f"{'does' if len(refusing) == 1 else 'do'} not take it; {hint}"
+        )
+    out: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        own = score_options.get(name, {})
+        for key in own:
+            if _spelled(key, accepted[name]) is None:
+                raise TypeError(
+                    f"score_options[{name!r}]: {name} takes no option {key!r}; its options: "
+                    f"{_option_names(accepted[name])}"
+                )
+        # A score's own value wins over the shared one.
+        out[name] = {**_respelled(name, options, accepted[name]), **_respelled(name, own, accepted[name])}
+    return out
+
+
+def _respelled(name: str, options: Mapping[str, Any], accepted: Optional[FrozenSet[str]]) -> Dict[str, Any]:
+    """``options`` under the accumulator's own names (each taken, as checked before)."""
+    out: Dict[str, Any] = {}
+    given: Dict[str, str] = {}  # accumulator's name -> the caller's
+    for key, value in options.items():
+        spelled = _spelled(key, accepted) or key
+        if spelled in out:  # only through an alias: the keys of a mapping are distinct
+            raise TypeError(f"{name}: {given[spelled]!r} and {key!r} are the same option here; give one of them")
+        out[spelled], given[spelled] = value, key
+    return out
+
+
+def check_options(
+    on: str,
+    transform: Any,
+    options: Mapping[str, Any],
+    *,
+    scores: Union[str, Sequence[str]] = DEFAULT_SCORE,
+    score_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    widths: Iterable[int] = (1,),
+) -> Dict[str, Dict[str, Any]]:
+    """Raise now, not in the first forward pass, for a bad ``on``, ``transform``, score or accumulator option.
+
+    Args:
+        on, transform: as for :class:`LayerScorer`.
+        options: keywords for every score's accumulator.
+        scores: one score name or a sequence of names (see :func:`streaming_scores`).
+        score_options: score name -> keywords for that score's accumulator only.
+        widths: the num_features values to validate the accumulators with.
+
+    Returns:
+        Score name -> the keywords its accumulator is built with (shared
+        options first, its own over them; ``num_classes`` under the
+        accumulator's own name for it).
+
+    Every accumulator is built once without a device, which allocates
+    nothing, so that its own checks run on every option.
+    """
     if on not in ONS:
         raise ValueError(f"on must be one of {ONS}, got {on!r}")
-    if "device" in options:
-        raise TypeError("device is not an option of score_layers: accumulators follow their features' device")
     if transform is not None and not callable(transform):
         raise TypeError(f"transform must be callable, got {type(transform).__name__}")
-    LogMEAccumulator(1, **options)  # allocates nothing: device is None
+    own = score_options.values() if isinstance(score_options, Mapping) else ()
+    if "device" in options or any(isinstance(o, Mapping) and "device" in o for o in own):
+        raise TypeError("device is not an option of score_layers: accumulators follow their features' device")
+    names = streaming_scores(scores)
+    kwargs = _score_options(names, options, score_options)
+    for name in names:
+        for width in widths:
+            registry.accumulator(name, width, **kwargs[name])
+    return kwargs
 
 
 def _flat_features(value: Any, transform: Optional[Callable[[Any], Tensor]], name: str) -> Tensor:
@@ -92,26 +241,50 @@ def _flat_features(value: Any, transform: Optional[Callable[[Any], Tensor]], nam
 
 
 class LayerScorer:
-    """Forward hooks feeding one or more layers into one LogMEAccumulator each.
+    """Forward hooks feeding each of one or more layers into one streaming accumulator per score.
 
     Args:
         model: the network; layers are looked up in ``model.named_modules()``.
         layers: a module or dotted name, or a sequence of them.
+        scores: a score name of :data:`torch_logme.SCORES` (default
+            ``"logme"``), or a sequence of names. Every score must stream
+            (LEEP does not). A score that reads source-class predictions
+            (``SCORES[name].input == "probs"``, e.g. NCE) takes the hooked
+            value as logits or probabilities [B, Cs]: hook the layer that
+            returns them.
         on: ``"output"`` scores what a layer returns, ``"input"`` its first
             positional input (e.g. the input of the classifier head).
         num_features: D per layer (an int for all, or a name -> int mapping);
             None reads it from the first batch.
         transform: optional callable applied to the hooked value before it is
             flattened, e.g. global average pooling of [B, C, H, W] maps.
-        **options: passed to every :class:`LogMEAccumulator`: ``num_classes``,
-            ``regression``, ``num_targets``, ``dtype``, ``check_inputs``,
-            ``sync_on_compute``, ``max_iter``, ``tol``, ``method``,
-            ``legacy_evidence``. ``device`` is not accepted: each accumulator
-            lives on the device its features come from.
+        score_options: score name -> keywords for that score's accumulator
+            only, e.g. ``{"transrate": {"eps": 1e-3}}``; they win over
+            ``**options``.
+        **options: keywords for every score's accumulator. With LogME alone:
+            ``num_classes``, ``regression``, ``num_targets``, ``dtype``,
+            ``check_inputs``, ``sync_on_compute``, ``max_iter``, ``tol``,
+            ``method``, ``legacy_evidence``. With several scores, each must
+            be an option of every one (``num_classes``, ``dtype``,
+            ``check_inputs``, ``sync_on_compute``); the rest go in
+            ``score_options``. ``num_classes`` reaches an accumulator that
+            calls it ``num_target_classes`` (NCE) under that name.
+            ``device`` is not accepted: each accumulator lives on the device
+            its features come from.
 
-    Call :meth:`labels` (or use :meth:`batch`) before each forward pass; each
-    hooked layer takes those labels once. :meth:`remove` (or leaving the
-    ``with`` block) detaches the hooks; :meth:`compute` still works after.
+    Every score and option is checked when the scorer is made, before any
+    forward pass. A batch that one of several scores rejects raises in the
+    forward pass after the scores before it took it: call :meth:`reset`
+    before scoring on. Call :meth:`labels` (or use :meth:`batch`) before each
+    forward pass; each hooked layer takes those labels once. :meth:`remove`
+    (or leaving the ``with`` block) detaches the hooks; :meth:`compute`
+    still works after.
+
+    With one score name, :meth:`compute` returns ``{layer: tensor}`` and
+    ``accumulators`` is ``{layer: accumulator}``; with a sequence of names
+    (even of one), they are ``{layer: {score: tensor}}`` and
+    ``{layer: {score: accumulator}}``. A layer's entry in ``accumulators``
+    is None until its first batch.
     """
 
     def __init__(
@@ -119,12 +292,22 @@ class LayerScorer:
         model: nn.Module,
         layers: Union[Layer, Sequence[Layer]],
         *,
+        scores: Union[str, Sequence[str]] = DEFAULT_SCORE,
         on: str = "output",
         num_features: Union[int, Mapping[str, int], None] = None,
         transform: Optional[Callable[[Any], Tensor]] = None,
+        score_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         **options: Any,
     ) -> None:
-        check_options(on, transform, options)
+        if isinstance(num_features, Mapping):
+            widths = list(num_features.values()) or [1]
+        else:
+            widths = [1 if num_features is None else num_features]
+        self._kwargs = check_options(
+            on, transform, options, scores=scores, score_options=score_options, widths=widths
+        )
+        self.scores: Tuple[str, ...] = tuple(self._kwargs)
+        self.nested = not isinstance(scores, str)  # results keyed by score too
         self.layers = resolve_layers(model, layers)
         if isinstance(num_features, Mapping):
             unknown = set(num_features) - set(self.layers)
@@ -134,13 +317,24 @@ class LayerScorer:
         self.transform = transform
         self.enabled = True  # False: the hooks let forward passes through unscored
         self._num_features = num_features
-        self._options = options
-        self.accumulators: Dict[str, Optional[LogMEAccumulator]] = {name: None for name in self.layers}
+        # layer -> score -> accumulator, made at the layer's first batch (D and device come from it)
+        self._accs: Dict[str, Optional[Dict[str, Any]]] = {name: None for name in self.layers}
         self._targets: Any = None
         self._pending: set = set()  # layers that have not yet taken the current labels
         self._handles = [
             module.register_forward_hook(partial(self._hook, name)) for name, module in self.layers.items()
         ]
+
+    @property
+    def accumulators(self) -> Dict[str, Any]:
+        """Layer -> its accumulator (one score name) or {score: accumulator} (a sequence of names).
+
+        A layer's entry is None until its first batch.
+        """
+        if self.nested:
+            return {name: None if accs is None else dict(accs) for name, accs in self._accs.items()}
+        (score,) = self.scores
+        return {name: None if accs is None else accs[score] for name, accs in self._accs.items()}
 
     # -- feeding ---------------------------------------------------------------
     def labels(self, targets: Any) -> None:
@@ -181,33 +375,63 @@ class LayerScorer:
         # sums can be reset and updated after an inference_mode() pass.
         with torch.no_grad(), torch.inference_mode(False):
             features = _flat_features(value, self.transform, name)
-            acc = self.accumulators[name]
-            if acc is None:
+            accs = self._accs[name]
+            if accs is None:
                 d = self._num_features
                 if isinstance(d, Mapping):
                     d = d.get(name)
                 if d is None:
                     d = features.shape[1]
-                acc = LogMEAccumulator(d, device=features.device, **self._options)
-                self.accumulators[name] = acc
-            acc.update(features, self._targets)
+                accs = {
+                    score: registry.accumulator(score, d, device=features.device, **self._kwargs[score])
+                    for score in self.scores
+                }
+                self._accs[name] = accs
+            for acc in accs.values():
+                acc.update(features, self._targets)
         self._pending.discard(name)
         if not self._pending:
             self._targets = None  # every layer has its copy: do not keep the batch alive
 
     # -- results -----------------------------------------------------------------
-    def compute(self, reduction: str = "mean") -> Dict[str, Tensor]:
-        """Layer name -> LogME score of every batch so far (0-dim, or [C] for "none")."""
+    def compute(self, reduction: str = "mean") -> Dict[str, Any]:
+        """The scores of every batch so far.
+
+        Args:
+            reduction: "mean" (the score), or, for scores whose accumulator
+                takes it (LogME), "sum" or "none" (per class, [C]).
+
+        Returns:
+            ``{layer: tensor}`` (one score name) or ``{layer: {score: tensor}}``
+            (a sequence of names); tensors are 0-dim, or [C] for "none".
+        """
         self._check_consumed("compute()")
-        missing = [name for name, acc in self.accumulators.items() if acc is None]
+        missing = [name for name, accs in self._accs.items() if accs is None]
         if missing:
             raise RuntimeError(f"layers {missing} have not run yet: no features to score")
-        return {name: acc.compute(reduction=reduction) for name, acc in self.accumulators.items()}
+        ready: Dict[str, Dict[str, Any]] = {name: accs for name, accs in self._accs.items() if accs is not None}
+        kwargs: Dict[str, Any] = {}
+        if reduction != "mean":
+            some = next(iter(ready.values()))
+            single = [s for s in self.scores if "reduction" not in inspect.signature(some[s].compute).parameters]
+            if single:
+                raise ValueError(
+                    f"reduction={reduction!r} needs per-class scores, but {', '.join(single)} "
+                    f"{'gives' if len(single) == 1 else 'give'} one number per layer; use reduction='mean'"
+                )
+            kwargs["reduction"] = reduction
+        out: Dict[str, Dict[str, Tensor]] = {
+            name: {score: acc.compute(**kwargs) for score, acc in accs.items()} for name, accs in ready.items()
+        }
+        if self.nested:
+            return out
+        (score,) = self.scores
+        return {name: by_score[score] for name, by_score in out.items()}
 
     def reset(self) -> None:
         """Forget every batch (keeps the hooks, the sizes and the devices)."""
-        for acc in self.accumulators.values():
-            if acc is not None:
+        for accs in self._accs.values():
+            for acc in (accs or {}).values():
                 acc.reset()
         self._targets, self._pending = None, set()
 
@@ -225,9 +449,22 @@ class LayerScorer:
 
 
 def score_layers(
-    model: nn.Module, layers: Union[Layer, Sequence[Layer]], **kwargs: Any
+    model: nn.Module,
+    layers: Union[Layer, Sequence[Layer]],
+    *,
+    scores: Union[str, Sequence[str]] = DEFAULT_SCORE,
+    **kwargs: Any,
 ) -> LayerScorer:
-    """Hook ``layers`` of ``model`` for LogME scoring; see :class:`LayerScorer` for the options.
+    """Hook ``layers`` of ``model`` for scoring; see :class:`LayerScorer` for the options.
+
+    Args:
+        model: the network.
+        layers: a module or dotted name, or a sequence of them.
+        scores: a streaming score's name (default ``"logme"``): ``compute()``
+            gives ``{layer: tensor}``; or a sequence of names:
+            ``{layer: {score: tensor}}``.
+        **kwargs: ``on``, ``num_features``, ``transform``, ``score_options``
+            and the accumulators' options, as for :class:`LayerScorer`.
 
     Example (the three added lines are marked)::
 
@@ -236,5 +473,8 @@ def score_layers(
                 scorer.labels(y)                                            # +2
                 model(x)
         score = scorer.compute()["fc"]                                      # +3
+
+    With ``scores=("logme", "gbc")``, ``scorer.compute()["fc"]["gbc"]`` is
+    GBC of the same features, from the same forward passes.
     """
-    return LayerScorer(model, layers, **kwargs)
+    return LayerScorer(model, layers, scores=scores, **kwargs)

@@ -33,7 +33,7 @@ from .streaming_scores import (
     TransRateAccumulator,
 )
 
-__all__ = ["SCORES", "ScoreSpec", "INPUTS", "accumulator", "get_score", "score_names"]
+__all__ = ["SCORES", "ScoreSpec", "INPUTS", "DEFAULT_SCORE", "accumulator", "get_score", "score_names"]
 
 #: What a score reads: a model's features [N, D], or its source-class
 #: probabilities [N, Cs] (LEEP; NCE takes their argmax as hard source labels).
@@ -92,6 +92,9 @@ _SPECS: Tuple[ScoreSpec, ...] = (
 
 #: Every registered score by name (read-only).
 SCORES: Mapping[str, ScoreSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+
+#: The score an entry point uses when none is named (hooks, checkpoint selection, the Lightning callback).
+DEFAULT_SCORE = "logme"
 
 
 def get_score(name: Any) -> ScoreSpec:

@@ -1,17 +1,21 @@
-"""A PyTorch Lightning callback that logs LogME at the end of each validation epoch.
+"""PyTorch Lightning callbacks that log a transferability score at the end of each validation epoch.
 
-Optional: ``pip install torch_logme[lightning]``. The callback hooks a layer
-of the LightningModule while validation runs (:mod:`torch_logme.hooks`),
-takes the labels from each validation batch, and logs the score under
-``key`` (default ``"val/logme"``), so that::
+Optional: ``pip install torch_logme[lightning]``. ``ScoreCallback(layer,
+score=name)`` hooks a layer of the LightningModule while validation runs
+(:mod:`torch_logme.hooks`), takes the labels from each validation batch,
+and logs the score (any streaming score of :data:`torch_logme.SCORES`)
+under ``key`` (default ``f"val/{score}"``), so that::
 
-    ModelCheckpoint(monitor="val/logme", mode="max")
+    callback = ScoreCallback("backbone", score="h_score", num_classes=10)
+    ModelCheckpoint(monitor=callback.key, mode=callback.mode)
 
-keeps the checkpoint whose features score best. Under DDP every rank scores
-its own batches and ``compute()`` sums the statistics across ranks, so each
-rank logs the same, global score.
+keeps the checkpoint whose features score best (``mode`` is the score's
+direction, ``SCORES[score].mode``). ``LogMECallback`` is the LogME case,
+logging ``"val/logme"``. Under DDP every rank scores its own batches and
+``compute()`` sums the statistics across ranks, so each rank logs the same,
+global score.
 
-The callback subclasses ``lightning.pytorch.Callback``, or
+The callbacks subclass ``lightning.pytorch.Callback``, or
 ``pytorch_lightning.Callback`` when only that package is installed.
 """
 from __future__ import annotations
@@ -31,7 +35,9 @@ except ImportError:  # pragma: no cover - depends on the environment
             "torch_logme.integrations.lightning needs Lightning: pip install 'torch_logme[lightning]'"
         ) from err
 
+from .. import registry
 from ..hooks import LayerScorer, check_options
+from ..registry import DEFAULT_SCORE
 
 
 def second_item(batch: Any) -> Any:
@@ -39,18 +45,22 @@ def second_item(batch: Any) -> Any:
     return batch[1]
 
 
-class LogMECallback(pl.Callback):
-    """Log the LogME score of ``layer`` over each validation epoch.
+class ScoreCallback(pl.Callback):
+    """Log a streaming score of ``layer`` over each validation epoch.
 
     Args:
         layer: a dotted name from ``pl_module.named_modules()`` (or the module).
-        key: the logged name (default ``"val/logme"``).
+        score: the name of a streaming score of :data:`torch_logme.SCORES`
+            (default ``"logme"``).
+        key: the logged name (default ``f"val/{score}"``).
         labels: batch -> labels [B]; default ``batch[1]``.
         dataloader_idx: the validation dataloader to score (others pass unscored).
         prog_bar: show the score in the progress bar.
         on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
-            (e.g. ``on="input"``, ``num_classes=10``).
+            (e.g. ``on="input"``, ``num_classes=10``, ``score_options=``).
 
+    ``score_name`` is the score; ``mode`` is ``"max"`` or ``"min"``, its
+    direction, for ``ModelCheckpoint(monitor=callback.key, mode=callback.mode)``.
     ``history`` holds (epoch, score) for every scored epoch. The sanity-check
     validation before training is not scored.
     """
@@ -59,7 +69,8 @@ class LogMECallback(pl.Callback):
         self,
         layer: Union[str, nn.Module],
         *,
-        key: str = "val/logme",
+        score: str = DEFAULT_SCORE,
+        key: Optional[str] = None,
         labels: Callable[[Any], Any] = second_item,
         dataloader_idx: int = 0,
         prog_bar: bool = False,
@@ -70,17 +81,31 @@ class LogMECallback(pl.Callback):
         super().__init__()
         if not isinstance(layer, (str, nn.Module)):
             raise TypeError(f"layer must be one module or dotted name, got {type(layer).__name__}")
+        if not isinstance(score, str) or "scores" in options:
+            raise TypeError(f"{type(self).__name__} logs one score: give its name as score= (a str)")
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"key must be a str (the logged name), got {type(key).__name__}")
         if not callable(labels):
             raise TypeError(f"labels must be callable (batch -> labels), got {type(labels).__name__}")
+        score_options = options.pop("score_options", None)
+        check_options(on, transform, options, scores=score, score_options=score_options)
+        self.score_name = score
+        self.mode = registry.get_score(score).mode
         self.layer = layer
-        self.key = key
+        self.key = f"val/{score}" if key is None else key
         self.get_labels = labels
         self.dataloader_idx = dataloader_idx
         self.prog_bar = prog_bar
-        self._scorer_kwargs: Dict[str, Any] = dict(on=on, transform=transform, **options)
-        check_options(on, transform, options)
+        self._scorer_kwargs: Dict[str, Any] = dict(
+            scores=score, on=on, transform=transform, score_options=score_options, **options
+        )
         self.history: List[Tuple[int, float]] = []
         self._scorer: Optional[LayerScorer] = None
+
+    @property
+    def state_key(self) -> str:
+        # Unique per logged key, so that several of these callbacks (one per score) each keep their history.
+        return self._generate_state_key(key=self.key)
 
     # -- hooks ------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -107,7 +132,7 @@ class LogMECallback(pl.Callback):
         scorer.remove()
         self._scorer = None
         if any(acc is None for acc in scorer.accumulators.values()):
-            warnings.warn(f"LogMECallback: layer {self.layer!r} saw no validation batch; nothing logged")
+            warnings.warn(f"{type(self).__name__}: layer {self.layer!r} saw no validation batch; nothing logged")
             return
         (value,) = scorer.compute().values()  # sums across ranks when distributed
         score = float(value)
@@ -132,3 +157,42 @@ class LogMECallback(pl.Callback):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.history = [(int(e), float(s)) for e, s in state_dict.get("history", [])]
+
+
+class LogMECallback(ScoreCallback):
+    """Log the LogME score of ``layer`` over each validation epoch: ``ScoreCallback(layer, score="logme")``.
+
+    Args:
+        layer: a dotted name from ``pl_module.named_modules()`` (or the module).
+        key: the logged name (default ``"val/logme"``).
+        labels: batch -> labels [B]; default ``batch[1]``.
+        dataloader_idx: the validation dataloader to score (others pass unscored).
+        prog_bar: show the score in the progress bar.
+        on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
+            (e.g. ``on="input"``, ``num_classes=10``).
+
+    ``history`` holds (epoch, score) for every scored epoch. The sanity-check
+    validation before training is not scored.
+    """
+
+    def __init__(
+        self,
+        layer: Union[str, nn.Module],
+        *,
+        key: str = "val/logme",
+        labels: Callable[[Any], Any] = second_item,
+        dataloader_idx: int = 0,
+        prog_bar: bool = False,
+        on: str = "output",
+        transform: Optional[Callable[[Any], Tensor]] = None,
+        **options: Any,
+    ) -> None:
+        if "score" in options:
+            raise TypeError("LogMECallback logs LogME; for another score use ScoreCallback(layer, score=name)")
+        super().__init__(layer, score="logme", key=key, labels=labels, dataloader_idx=dataloader_idx,
+                         prog_bar=prog_bar, on=on, transform=transform, **options)
+
+    @property
+    def state_key(self) -> str:
+        # The key its history was always saved under, so that older checkpoints resume it.
+        return type(self).__qualname__
