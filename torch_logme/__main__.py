@@ -45,12 +45,13 @@ def _add_demo(subparsers: "argparse._SubParsersAction") -> None:
 
 def _run_rank(args: argparse.Namespace) -> int:
     from torch_logme.ranking import InputFileError, rank_files
+    from torch_logme.registry import DEFAULT_SCORE
 
     import torch
 
     try:
         ranking, files = rank_files(
-            args.features, args.labels, args.score or ["logme"], device=args.device,
+            args.features, args.labels, args.score or [DEFAULT_SCORE], device=args.device,
             dtype=torch.float32 if args.dtype == "float32" else torch.float64,
         )
     except (InputFileError, ValueError, TypeError, OSError, RuntimeError) as err:
@@ -68,7 +69,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
 
 def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
-    from torch_logme.ranking import SCORES
+    from torch_logme.registry import DEFAULT_SCORE, SCORES
 
     p = subparsers.add_parser(
         "rank",
@@ -86,7 +87,7 @@ def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--labels", required=True, metavar="LABELS", help="file of class ids [N]: .npy, .npz or .pt")
     p.add_argument(
         "--score", action="extend", nargs="+", choices=list(SCORES), metavar="NAME",
-        help=f"score(s) to compute, repeatable; the first ranks (default: logme). One of: {', '.join(SCORES)}",
+        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). One of: {', '.join(SCORES)}",
     )
     p.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._checks import prepare_labels
 from ._options import make_options
-from .registry import SCORES, ScoreSpec, score_names
+from .registry import DEFAULT_SCORE, SCORES, ScoreSpec, score_names
 
 __all__ = ["rank_models", "Ranking", "RankedModel", "SCORES", "ScoreSpec", "ModelScoreError"]
 
@@ -126,7 +126,7 @@ def _score_input(name: str, model: Any, score: str) -> Any:
 def rank_models(
     features_by_model: Union[Mapping[str, Any], Sequence[Any]],
     labels: Any,
-    scores: Union[str, Sequence[str]] = ("logme",),
+    scores: Union[str, Sequence[str]] = (DEFAULT_SCORE,),
     *,
     dtype: torch.dtype = torch.float64,
     device: Union[str, torch.device, None] = None,
@@ -288,7 +288,7 @@ def _rows(x: Any) -> Optional[int]:
 def rank_files(
     feature_paths: Sequence[Union[str, Path]],
     labels_path: Union[str, Path],
-    scores: Sequence[str] = ("logme",),
+    scores: Sequence[str] = (DEFAULT_SCORE,),
     *,
     device: Union[str, torch.device, None] = None,
     dtype: torch.dtype = torch.float64,
