@@ -12,7 +12,7 @@ sync); a score subclasses it with ``update`` and ``_compute``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -288,6 +288,64 @@ class SumAccumulator:
             return self._compute(self._with_shift(reduced, shift), **kwargs)
         return self._compute(self._with_shift(self._states, self._shift), **kwargs)
 
+    # -- sums held by someone else (the torchmetrics metric keeps them as its states) --
+    def _frame(self) -> Dict[str, Any]:
+        """What the sums are relative to, in fixed shapes: {} for sums of the data themselves.
+
+        Shifted sums: "has_shift" (a Python bool: whether a batch has set
+        the frame) and "shift" [D] (zeros before the first batch). With the
+        sums, this is everything ``_bind`` needs to rebuild the accumulator.
+        """
+        if not self._SHIFTED:
+            return {}
+        self._ensure_allocated()
+        if self._shift is not None:
+            return {"has_shift": True, "shift": self._shift}
+        like = next(iter(self._states.values()))
+        size = self._sizes()["num_features"][0]
+        return {"has_shift": False, "shift": like.new_zeros(size, dtype=self._shift_dtype())}
+
+    def _bind(self, states: Mapping[str, Tensor], frame: Optional[Mapping[str, Any]]) -> "SumAccumulator":
+        """Take ``states`` as this accumulator's sums, not copies of them, and ``frame`` as their frame.
+
+        ``update`` then adds into those tensors and ``merge`` / ``compute``
+        read them, so sums kept elsewhere (torchmetrics states) are scored by
+        this class's own arithmetic. Names, shapes and dtypes must be this
+        accumulator's; an accumulator made without ``device=`` learns them on
+        the meta device, which holds no memory.
+
+        Args:
+            states: name -> tensor, as ``states`` lays them out.
+            frame: as ``_frame`` gives it (flags as Python bools or 0-dim
+                tensors, which are read to the host); None: no batch yet.
+        """
+        self._ensure_allocated(torch.device("meta"))
+        for name, mine in self._states.items():
+            if name not in states:
+                raise KeyError(f"{type(self).__name__}: no sum named {name!r} to bind")
+            theirs = states[name]
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise ValueError(
+                    f"{type(self).__name__}: {name} is {tuple(theirs.shape)} {theirs.dtype}, "
+                    f"expected {tuple(mine.shape)} {mine.dtype}"
+                )
+        self._states = OrderedDict((name, states[name]) for name in self._states)
+        if self._SHIFTED:
+            self._shift = frame["shift"] if frame is not None and bool(frame["has_shift"]) else None
+        return self
+
+    def _common_frame(self, frames: Sequence[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+        """The frame to add sums about several ``frames`` (as ``_frame`` gives them) in, as ``sync`` takes it.
+
+        The mean of the shifts that are set, in float64: symmetric in the
+        parts, and what ``sync`` uses across ranks (``_common_shift``). None
+        when no frame is set, or the sums are not shifted.
+        """
+        shifts = [f["shift"].to(torch.float64) for f in frames if self._SHIFTED and bool(f["has_shift"])]
+        if not shifts:
+            return None
+        return {"has_shift": True, "shift": torch.stack(shifts).mean(0).to(self._shift_dtype())}
+
 
 def _as_statistics(states: Mapping[str, Tensor], shift: Optional[Tensor]) -> SufficientStatistics:
     """A SufficientStatistics view of LogME's summed states (no copies)."""
@@ -405,6 +463,16 @@ class LogMEAccumulator(SumAccumulator):
     def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
         moved = _as_statistics(states, None).recentred_by(delta)
         return dict(states, gram=moved.gram, feature_sum=moved.feature_sum, cross=moved.cross)
+
+    def _bind(self, states: Mapping[str, Tensor], frame: Optional[Mapping[str, Any]]) -> "SumAccumulator":
+        # The statistics and the count wrap the bound tensors too: update adds through them.
+        super()._bind(states, frame)
+        s = self._states
+        self._stats = SufficientStatistics(
+            s["gram"], s["feature_sum"], s["cross"], s["target_sum"], s["target_sq"], 0, self._shift
+        )
+        self._count = s["num_samples"]
+        return self
 
     @property
     def num_columns(self) -> int:

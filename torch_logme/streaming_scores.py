@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -446,6 +446,32 @@ class _FeatureSums(_NamedSums):
         out = super().state_dict()
         out["scale"] = None if self._scale is None else self._scale.detach().clone()
         out["wide"] = self._wide
+        return out
+
+    def _frame(self) -> Dict[str, Any]:
+        """The base class's frame plus "scale" [D] (zeros before the first batch) and "wide" (a bool)."""
+        out = super()._frame()
+        out["scale"] = self._scale if self._scale is not None else torch.zeros_like(out["shift"])
+        out["wide"] = self._wide
+        return out
+
+    def _bind(self, states: Mapping[str, Tensor], frame: Optional[Mapping[str, Any]]) -> "SumAccumulator":
+        super()._bind(states, frame)
+        self._allocated = True
+        self._scale = frame["scale"] if frame is not None and self._shift is not None else None
+        self._wide = frame is not None and bool(frame["wide"])
+        self._target_scale = None
+        return self
+
+    def _common_frame(self, frames: Sequence[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+        """The base class's common shift, with the coarsest of the scales set (as ``_common_shift``)."""
+        out = super()._common_frame(frames)
+        if out is None:
+            return None
+        framed = [f for f in frames if bool(f["has_shift"])]
+        scale = torch.stack([f["scale"].to(torch.float64) for f in framed]).amin(0)
+        wide = any(bool(f["wide"]) for f in framed)
+        out.update(scale=scale, wide=wide or bool((log2_of(scale).abs() > SCALE_LIMIT[torch.float32]).any()))
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

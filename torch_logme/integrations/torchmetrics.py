@@ -1,21 +1,40 @@
-"""LogME as a torchmetrics ``Metric`` (optional: ``pip install torch_logme[torchmetrics]``).
+"""Transferability scores as torchmetrics ``Metric``s (optional: ``pip install torch_logme[torchmetrics]``).
 
-The metric keeps the same sums as :class:`torch_logme.LogMEAccumulator`
-(see ``SufficientStatistics``: sums of the features minus a shift taken
-from the first batch), and scores them with the accumulator's compute step.
-Each process may have its own shift, so the states carry a leading axis of
-one and are registered with ``dist_reduce_fx="cat"``: torchmetrics' own
-synchronisation (and ``merge_state``) stacks the processes' sums, and
-``compute`` brings them to one shift, exactly, before adding them.
-torchmetrics states have fixed shapes, so the number of classes (or of
-regression targets) must be given up front.
+:class:`TransferabilityMetric` takes any registered streaming score by name
+(``torch_logme.SCORES``); :class:`LogMEMetric` is its LogME case with the
+historical signature.
+
+The metric keeps the score's streaming accumulator's sums as its states and
+lets the accumulator do every piece of arithmetic: ``update`` binds an
+accumulator to the states (``SumAccumulator._bind``) and adds the batch
+into them in place; ``compute`` binds one per part of the states, merges
+them and scores the total with the accumulator's own ``compute``.
+
+Why parts: an accumulator's sums are taken about a frame, a shift [D] from
+its first batch (and, for most feature scores, a power-of-two scale [D]),
+and each process has its own. Sums about different frames cannot be added
+as they stand, so every state carries a leading axis of one part and is
+registered with ``dist_reduce_fx="cat"``: torchmetrics' own sync gathers
+the processes' parts, and ``compute`` adds them about one frame (the mean
+of their shifts, the coarsest scale: ``_common_frame``, what the
+accumulator's own ``sync`` uses) with the accumulator's ``merge``, which
+recentres and rescales exactly. ``forward`` and ``merge_state`` stack parts
+the same way; the metric merges them back to one part at once, so states
+keep their size however often it is called.
+
+torchmetrics states have fixed shapes, so every size of the sums (the
+number of classes; for a score of source-class predictions, also the
+number of source classes) must be given up front.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import copy
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 
 try:
     from torchmetrics import Metric
@@ -25,12 +44,322 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from ..functional import REDUCTIONS
-from ..sums import SufficientStatistics
-from ..streaming import LogMEAccumulator
+from ..registry import SCORES, get_score
+from ..streaming import SumAccumulator
+
+__all__ = ["TransferabilityMetric", "LogMEMetric"]
+
+#: Accumulator keywords the metric sets itself: states move with ``.to()``, and torchmetrics syncs.
+_METRIC_OWNED = ("device", "sync_on_compute")
 
 
-class LogMEMetric(Metric):
+def _score_options(cls: type) -> Tuple[str, ...]:
+    """The keyword-only options of an accumulator class (its score's settings, dtype, check_inputs)."""
+    parameters = inspect.signature(cls).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in _METRIC_OWNED)
+
+
+def _device_only(fn: Callable[[Tensor], Tensor], value: Tensor) -> Tensor:
+    """``fn(value)`` when it keeps the dtype; else ``value`` moved where ``fn`` sent it, dtype unchanged."""
+    moved = fn(value)
+    return moved if moved.dtype == value.dtype else value.to(moved.device)
+
+
+class TransferabilityMetric(Metric):
+    """A registered streaming transferability score of all batches seen, as a torchmetrics metric.
+
+    Named like the package's other entry points (``LogMEAccumulator``,
+    ``LogMEMetric``): the quantity, then what it is; ``score=`` picks which
+    transferability score, as ``torch_logme.SCORES`` names it.
+
+    Args:
+        score: a key of ``torch_logme.SCORES`` whose score streams
+            (``SCORES[score].streams``).
+        num_features: the width of the batches: D for a score that reads
+            features [B, D]; Cs, the number of source classes, for one that
+            reads source-class probabilities [B, Cs] (``spec.input``).
+        num_classes: C, the number of target classes. Required (states
+            cannot grow) unless a score option fixes the target columns
+            instead.
+        dtype: precision of the sums and of compute (default float64).
+            Module-wide casts (``.to(dtype)``, ``set_dtype``, Lightning's
+            "16-true" precision) move the states but keep this dtype: the
+            sums' precision is the score's, and a shift cast to another
+            dtype would no longer be the one the sums were taken about.
+        check_inputs: check each batch (NaN/Inf, labels in range): one host
+            read per update. False keeps updates free of host syncs.
+        **kwargs: the score's own options (the keyword-only arguments of its
+            accumulator, e.g. ``rcond``, ``eps``, ``min_variance``), and
+            torchmetrics ``Metric`` options (``sync_on_compute``,
+            ``process_group``, ``dist_sync_fn``, ``compute_with_cache``, ...).
+
+    Use ``update(inputs [B, W], targets [B])`` per batch and ``compute()``
+    per epoch: a 0-dim tensor equal to ``SCORES[score].fn`` on all batches.
+    Calling the metric (``forward``) also returns the batch's own score,
+    which costs one score evaluation and needs a batch the score accepts
+    (B >= 2). ``higher_is_better`` follows the score's spec.
+
+    Raises:
+        ValueError: for an unknown score, one that does not stream, a
+            missing ``num_features`` or ``num_classes``, or an option
+            neither the score nor torchmetrics takes.
+    """
+
+    is_differentiable = False
+    higher_is_better: Optional[bool] = None  # set per instance from the score's spec
+    full_state_update = False
+
+    def __init__(
+        self,
+        score: str,
+        num_features: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        check_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        spec = get_score(score)
+        name = f"{type(self).__name__}(score={score!r})"
+        cls = spec.accumulator_cls
+        if cls is None:  # not spec.streams
+            streaming = ", ".join(n for n, s in SCORES.items() if s.streams)
+            raise ValueError(
+                f"{name}: {score} does not stream (it needs every sample at once), so it has no metric; "
+                f"choose from {streaming}, or score stored predictions with torch_logme.{spec.fn.__name__}"
+            )
+        own = _score_options(cls)
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        try:
+            super().__init__(**kwargs)
+        except ValueError as err:
+            if "Unexpected keyword" not in str(err):
+                raise
+            raise ValueError(f"{name}: {err}; the score's options are: {', '.join(own)}") from err
+        if num_features is None:
+            width = ("D, the width of the feature batches" if spec.input == "features"
+                     else "Cs, the number of source classes (the width of the probability batches)")
+            raise ValueError(f"{name} needs num_features: {width}")
+        # The template holds the settings and tells the layout; on the meta device its sums take no memory.
+        # Every streaming accumulator takes (width, classes) as its two positional arguments.
+        self._template: SumAccumulator = cls(
+            num_features, num_classes, dtype=dtype, check_inputs=check_inputs, device="meta",
+            sync_on_compute=False, **options,
+        )
+        unset = [key for key, (size, growable) in self._template._sizes().items() if growable or size == 0]
+        if unset:
+            needed = "num_classes" if num_classes is None else "every size of the score's sums"
+            raise ValueError(
+                f"{name} needs {needed}: torchmetrics states have fixed shapes, so the sizes of the score's "
+                f"sums must be given up front (not set: {', '.join(unset)})"
+            )
+        object.__setattr__(self, "higher_is_better", spec.larger_is_better)  # torchmetrics guards the name
+        self.score = score
+        self.spec = spec
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.options = options
+        #: Keywords for the accumulator's compute (a subclass may set some: LogMEMetric's reduction).
+        self._compute_options: Dict[str, Any] = {}
+        # Every state has a leading axis of parts; one part outside sync, forward and merge_state.
+        self._shapes: Dict[str, torch.Size] = {}
+        layout = dict(self._template.states)
+        self._sum_names = tuple(layout)
+        for key, value in self._template._frame().items():
+            layout[key] = torch.as_tensor(value)  # flags as 0-dim bool tensors
+        self._frame_names = tuple(k for k in layout if k not in self._sum_names)
+        for key, value in layout.items():
+            self._shapes[key] = value.shape
+            self.add_state(key, torch.zeros(1, *value.shape, dtype=value.dtype), dist_reduce_fx="cat")
+        self._live: Optional[Tuple[Tuple[Tensor, ...], SumAccumulator]] = None
+        self._bind_live(known_empty=True)
+
+    # -- the accumulators on the states ------------------------------------------------
+    def _parts(self) -> List[Dict[str, Tensor]]:
+        """Views of the states of each part: one, or one per process after a sync."""
+        split = {key: getattr(self, key).reshape(-1, *shape) for key, shape in self._shapes.items()}
+        counts = {value.shape[0] for value in split.values()}
+        if len(counts) != 1:
+            raise RuntimeError(f"{type(self).__name__}: states disagree on their number of parts: {counts}")
+        return [
+            {key: value[k] for key, value in split.items()}
+            for k in range(counts.pop())
+        ]
+
+    def _bound(self, sums: Mapping[str, Tensor], frame: Optional[Mapping[str, Any]]) -> SumAccumulator:
+        """A new accumulator of the score whose sums are ``sums`` (not copies) about ``frame`` (None: unset)."""
+        return copy.deepcopy(self._template)._bind(sums, frame)  # the template's tensors are meta: no copy
+
+    def _accumulator(self, part: Mapping[str, Tensor], flags: Optional[Mapping[str, Any]] = None,
+                     known_empty: bool = False) -> SumAccumulator:
+        """A new accumulator on the tensors of ``part`` (sums and frame, not copies).
+
+        ``flags`` gives frame flags known on the host; the others are read
+        from the part (one host read each). ``known_empty``: the part was
+        just reset, no frame to read.
+        """
+        sums = {key: part[key] for key in self._sum_names}
+        if known_empty:
+            return self._bound(sums, None)
+        return self._bound(sums, dict({key: part[key] for key in self._frame_names}, **(flags or {})))
+
+    def _state_refs(self) -> Tuple[Tensor, ...]:
+        return tuple(getattr(self, key) for key in self._shapes)
+
+    def _live_accumulator(self) -> Optional[SumAccumulator]:
+        """The accumulator bound to the current one-part states, if they are still the ones it was bound to.
+
+        torchmetrics replaces state tensors (reset, sync, load, .to()) rather
+        than writing into them, so identity tells whether the binding holds.
+        """
+        if self._live is None:
+            return None
+        refs, acc = self._live
+        if all(a is b for a, b in zip(refs, self._state_refs())):
+            return acc
+        self._live = None
+        return None
+
+    def _bind_live(self, known_empty: bool = False, flags: Optional[Mapping[str, Any]] = None) -> SumAccumulator:
+        """Bind an accumulator to the one-part states, for update to add into."""
+        (part,) = self._parts()
+        acc = self._accumulator(part, flags, known_empty=known_empty)
+        self._live = (self._state_refs(), acc)
+        return acc
+
+    def _merged(self, parts: Sequence[Mapping[str, Tensor]], common_frame: bool) -> SumAccumulator:
+        """A new accumulator holding the sum of ``parts``, added by the accumulator's merge; ``parts`` stay as they are.
+
+        Args:
+            parts: the states of each part (``_parts``).
+            common_frame: sum about the mean of the parts' shifts (the
+                accumulator's ``_common_frame``, as its ``sync`` across ranks),
+                which does not depend on the parts' order; False: about the
+                first part's frame, which then is not moved (as ``merge``).
+        """
+        first = parts[0]
+        if common_frame:
+            accs = [self._accumulator(part) for part in parts]
+            frame = self._template._common_frame([acc._frame() for acc in accs])
+            total = self._bound({key: torch.zeros_like(first[key]) for key in self._sum_names}, frame)
+        else:  # merge adds into it: a copy of the first part
+            total = self._accumulator({key: value.clone() for key, value in first.items()})
+            accs = [self._accumulator(part) for part in parts[1:]]
+        for acc in accs:
+            total.merge(acc)
+        return total
+
+    @torch.inference_mode(False)  # states made in inference mode could not be updated in place afterwards
+    @torch.no_grad()
+    def _compact(self, common_frame: bool = False) -> None:
+        """Merge the parts of the states into one (exact: recentring and rescaling are algebra on the sums)."""
+        parts = self._parts()
+        if len(parts) == 1:
+            return
+        total = self._merged(parts, common_frame)
+        frame = total._frame()
+        device = getattr(self, self._sum_names[0]).device
+        for key, value in total.states.items():
+            setattr(self, key, value.unsqueeze(0))
+        for key, value in frame.items():
+            setattr(self, key, torch.as_tensor(value, device=device).unsqueeze(0))
+        # The flags are known here: no host read to bind the next update.
+        self._bind_live(flags={key: value for key, value in frame.items() if not isinstance(value, Tensor)})
+
+    # -- torchmetrics API ---------------------------------------------------------------
+    def update(self, inputs: Any, targets: Any) -> None:
+        """Add a batch.
+
+        Args:
+            inputs: features [B, D] (any float dtype), or for a score that
+                reads source-class probabilities, probabilities [B, Cs]
+                (or hard source labels [B]).
+            targets: class ids [B] in [0, C), or what the score's
+                accumulator takes as targets.
+        """
+        acc: Any = self._live_accumulator()  # the score's accumulator class, with its update
+        if acc is None:  # the states were replaced (loaded, moved, restored after a sync): bind them again
+            self._compact()
+            acc = self._live_accumulator()
+            if acc is None:
+                acc = self._bind_live()
+        framed = acc.shift is not None
+        acc.update(inputs, targets)
+        if not framed and acc.shift is not None:
+            # The first batch set the frame: store it beside the sums (once per reset).
+            with torch.no_grad():
+                for key, value in acc._frame().items():
+                    state = getattr(self, key)[0]
+                    if isinstance(value, Tensor):
+                        state.copy_(value)
+                    else:
+                        state.fill_(value)
+
+    def compute(self) -> Tensor:
+        """The score of every batch since the last reset (of every process, once torchmetrics has synced).
+
+        Returns:
+            0-dim tensor on the states' device (LogMEMetric: [C] with reduction="none").
+        """
+        parts = self._parts()
+        acc = self._live_accumulator() if len(parts) == 1 else None
+        if acc is None:
+            # One part: bound as it is (compute only reads); several (synced): added about their common frame.
+            acc = self._accumulator(parts[0]) if len(parts) == 1 else self._merged(parts, common_frame=True)
+        return acc.compute(**self._compute_options)
+
+    @torch.inference_mode(False)  # as _compact: fresh states must stay writable outside inference mode
+    def reset(self) -> None:
+        """Forget every batch (the next one sets a new frame)."""
+        super().reset()
+        self._bind_live(known_empty=True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The batch's own score, while adding the batch to the global states (see torchmetrics)."""
+        value = super().forward(*args, **kwargs)
+        self._compact()  # forward stacked the batch's part under the global one
+        return value
+
+    def merge_state(self, incoming_state: Union[Dict[str, Any], "Metric"]) -> None:
+        """Add another metric's states (or a dict of them) to these; their frames may differ."""
+        if isinstance(incoming_state, Metric) and (
+            not isinstance(incoming_state, TransferabilityMetric)
+            or incoming_state._template._config() != self._template._config()
+            or type(incoming_state._template) is not type(self._template)
+        ):
+            raise ValueError(f"cannot merge {incoming_state!r} into {self!r}: different scores or settings")
+        super().merge_state(incoming_state)
+        self._computed = None  # torchmetrics keeps a cached compute() across merge_state
+        self._compact(common_frame=True)  # symmetric in the two metrics
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> Module:
+        # States go where fn sends them but keep their dtype (see the class docstring, ``dtype``).
+        keep = tuple(exclude_state)
+        super()._apply(fn, exclude_state=keep + tuple(self._shapes))  # returns self
+        for key in self._shapes:
+            if key not in keep:
+                default = self._defaults[key]
+                assert isinstance(default, Tensor)  # every state here is a tensor
+                self._defaults[key] = _device_only(fn, default)
+                setattr(self, key, _device_only(fn, getattr(self, key)))
+        self._live_accumulator()  # drops a binding to tensors that moved
+        return self
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The bound accumulator holds views of the states; a copy binds its own on first use.
+        state = super().__getstate__()
+        state["_live"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"score={self.score!r}, num_features={self.num_features}, num_classes={self.num_classes}"
+
+
+class LogMEMetric(TransferabilityMetric):
     """LogME of all batches seen, as a torchmetrics metric.
+
+    ``TransferabilityMetric("logme", ...)`` with LogME's historical
+    signature, regression targets and per-class reductions.
 
     Args:
         num_features: D.
@@ -50,9 +379,7 @@ class LogMEMetric(Metric):
     which costs one eigendecomposition and needs B >= 2.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(
         self,
@@ -71,93 +398,23 @@ class LogMEMetric(Metric):
         absent_classes: str = "count",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         columns = num_targets if regression else num_classes
         if columns is None:
             needed = "num_targets (with regression=True)" if regression else "num_classes"
             raise ValueError(f"LogMEMetric needs {needed}: torchmetrics states have fixed shapes")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        # Holds the checked options and the compute step; its own sums stay unused.
-        self._scorer = LogMEAccumulator(
-            num_features, num_classes, regression=regression, num_targets=num_targets, dtype=dtype,
-            sync_on_compute=False, check_inputs=check_inputs, max_iter=max_iter, tol=tol, method=method,
-            legacy_evidence=legacy_evidence, absent_classes=absent_classes,
+        super().__init__(
+            "logme", num_features, num_classes, dtype=dtype, check_inputs=check_inputs, regression=regression,
+            num_targets=num_targets, max_iter=max_iter, tol=tol, method=method, legacy_evidence=legacy_evidence,
+            absent_classes=absent_classes, **kwargs,
         )
-        self.num_features = num_features
         self.num_columns = columns
         self.regression = regression
         self.reduction = reduction
         self.check_inputs = check_inputs
-        dims = {
-            "gram": (num_features, num_features), "feature_sum": (num_features,),
-            "cross": (columns, num_features), "target_sum": (columns,), "target_sq": (columns,),
-            "shift": (num_features,),
-        }
-        self._dims = dict(dims, num_samples=(), has_shift=())
-        for name, shape in dims.items():
-            self.add_state(name, torch.zeros(1, *shape, dtype=dtype), dist_reduce_fx="cat")
-        # Integer counts stack exactly; has_shift marks the parts whose shift is set.
-        self.add_state("num_samples", torch.zeros(1, dtype=torch.int64), dist_reduce_fx="cat")
-        self.add_state("has_shift", torch.zeros(1, dtype=torch.bool), dist_reduce_fx="cat")
-        self._shift_set = False
+        self._compute_options = {"reduction": reduction}
 
-    def reset(self) -> None:
-        """Forget every batch (the next one sets a new shift)."""
-        super().reset()
-        self._shift_set = False
-
-    def _parts(self) -> "list[SufficientStatistics]":
-        """The statistics of each part of the states (one, or one per process after a sync)."""
-        # A synced state is [processes, 1, ...] (torchmetrics stacks, then concatenates).
-        s = {name: getattr(self, name).reshape(-1, *shape) for name, shape in self._dims.items()}
-        return [
-            SufficientStatistics(
-                s["gram"][k], s["feature_sum"][k], s["cross"][k], s["target_sum"][k], s["target_sq"][k],
-                int(s["num_samples"][k]), s["shift"][k] if bool(s["has_shift"][k]) else None,
-            )
-            for k in range(s["gram"].shape[0])
-        ]
-
-    def update(self, features: Any, targets: Any) -> None:
+    def update(self, features: Any, targets: Any) -> None:  # type: ignore[override]
         """Add a batch: features [B, D]; labels [B] in [0, C), or targets [B] / [B, K]."""
-        inputs = self._scorer.check_batch(features, targets, self.gram.device)
-        if inputs.num_columns != self.num_columns:
-            raise ValueError(f"targets have {inputs.num_columns} columns, expected num_targets={self.num_columns}")
-        if not self._shift_set:  # a Python flag: no host read per batch
-            self.shift[0] = inputs.features.sum(0, dtype=self.gram.dtype) / inputs.num_samples
-            self.has_shift[0] = True
-            self._shift_set = True
-        # The statistics wrap the state tensors (part 0), so add_ writes into them.
-        stats = SufficientStatistics(
-            self.gram[0], self.feature_sum[0], self.cross[0], self.target_sum[0], self.target_sq[0], 0,
-            self.shift[0],
-        )
-        stats.add_(inputs.features, inputs.targets, not self.regression)
-        self.num_samples += inputs.num_samples
-
-    def compute(self) -> Tensor:
-        """LogME of every batch since the last reset: 0-dim, or [C] with reduction="none"."""
-        parts = self._parts()
-        shifted = [p.shift for p in parts if p.shift is not None]
-        total = parts[0] if not shifted else None
-        if shifted:
-            common = torch.stack(shifted).mean(0)
-            for part in parts:
-                part = part.recentred_by(part.shift - common) if part.shift is not None else part
-                total = part if total is None else _add(total, part)
-            total.shift = common
-        states = {
-            "gram": total.gram, "feature_sum": total.feature_sum, "cross": total.cross,
-            "target_sum": total.target_sum, "target_sq": total.target_sq,
-            "num_samples": torch.tensor(float(total.num_samples)), "shift": total.shift,
-        }
-        return self._scorer._compute(states, reduction=self.reduction)
-
-
-def _add(a: SufficientStatistics, b: SufficientStatistics) -> SufficientStatistics:
-    """The sums of two parts about the same shift."""
-    return SufficientStatistics(
-        a.gram + b.gram, a.feature_sum + b.feature_sum, a.cross + b.cross, a.target_sum + b.target_sum,
-        a.target_sq + b.target_sq, a.num_samples + b.num_samples, a.shift,
-    )
+        super().update(features, targets)
