@@ -66,6 +66,9 @@ def test_unknown_and_non_streaming_names():
     with pytest.raises(ValueError, match="repeated"):
         score_names(["gbc", "gbc"])
     assert score_names("gbc") == ("gbc",)
+    assert accumulator("nce", 5, num_classes=3).state_dict() is not None  # num_classes: NCE's target classes
+    with pytest.raises(TypeError, match="same option"):
+        accumulator("nce", 5, num_classes=3, num_target_classes=3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -15,6 +15,7 @@ Adding a score: its functional form and accumulator in their modules, one
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Tuple
@@ -138,6 +139,12 @@ def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -
             f"{name} does not stream: it needs every sample's source probabilities at once; "
             f"score stored predictions with torch_logme.{spec.fn.__name__} instead"
         )
+    if "num_classes" in options and "num_target_classes" in inspect.signature(spec.accumulator_cls).parameters:
+        # The target task's classes are num_classes for every score; an accumulator that
+        # also counts source classes calls them num_target_classes.
+        if "num_target_classes" in options:
+            raise TypeError(f"{name}: num_classes and num_target_classes are the same option here; give one")
+        options["num_target_classes"] = options.pop("num_classes")
     if spec.input == "probs":
         return spec.accumulator_cls(num_features, **options)
     if num_features is None:
