@@ -138,7 +138,10 @@ ext_modules, cmdclass = _extension_build()
 setup(
     name="torch_logme",
     version="0.1.0",
-    description="LogME transferability scores in PyTorch: batched over classes, on any device, exact against the published code",
+    description=(
+        "LogME transferability scores in PyTorch: batched over classes, on any device, "
+        "exact against the published code"
+    ),
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",

@@ -40,12 +40,13 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 import torch_logme  # noqa: E402
-from _results import record  # noqa: E402
 from torch_logme import _extension, logme  # noqa: E402
 from torch_logme._checks import prepare  # noqa: E402
 from torch_logme._options import make_options  # noqa: E402
 from torch_logme.evidence import _fixed_point_compiled, _fixed_point_torch  # noqa: E402
 from torch_logme.functional import solve  # noqa: E402
+
+from _results import record  # noqa: E402
 
 SHAPES = {
     "gpu": [(10_000, 768, 10), (50_000, 2048, 1000), (100_000, 4096, 1000)],
@@ -171,7 +172,8 @@ def main(argv: List[str]) -> int:
     shapes = SHAPES[args.shapes or ("gpu" if device.type == "cuda" else "cpu")]
     print(header(device))
     print()
-    print("| N, D, C | fixed point torch ms | compiled ms | speed-up | logme torch ms | logme compiled ms | speed-up | max rel diff |")
+    print("| N, D, C | fixed point torch ms | compiled ms | speed-up "
+          "| logme torch ms | logme compiled ms | speed-up | max rel diff |")
     print("|---|---|---|---|---|---|---|---|")
     record(json_path, "fixed_point_table", {"device": str(device), "repeat": args.repeat, "header": header(device)})
     for n, d, c in shapes:

@@ -140,8 +140,8 @@ def main() -> None:
             err_bare = abs(bare - exact) / abs(exact) if bare == bare else float("nan")
             mine, fast, base = [], [], []
             for _ in range(args.repeat):  # interleaved, so load changes hit all alike
-                mine.append(timed(lambda: logme(f, y)))
-                fast.append(timed(lambda: fast_route(f, y, c)))
+                mine.append(timed(lambda f=f, y=y: logme(f, y)))
+                fast.append(timed(lambda f=f, y=y, c=c: fast_route(f, y, c)))
                 if args.baseline:
                     base.append(baseline_time(args.baseline, n, d, c, kind, n + d))
             m, b = statistics.median(mine), statistics.median(fast)

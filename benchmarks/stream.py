@@ -44,6 +44,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from torch_logme import LogMEAccumulator  # noqa: E402
+
 from _results import record  # noqa: E402
 
 #: Table 1 sizes: batch, features, classes.
@@ -74,7 +75,8 @@ def update_table(devices: List[str], repeat: int, b: int = B, d: int = D, c: int
                  json_path: Optional[str] = None) -> None:
     """Table 1: the cost of one update against the rank-b Gram update alone."""
     print(f"\n### update cost, B = {b}, D = {d}, C = {c} (median of {repeat})\n")
-    print("| device | rank-B Gram update alone | update (checked) | update (check_inputs=False) | overhead (unchecked) |")
+    print("| device | rank-B Gram update alone | update (checked) | update (check_inputs=False) "
+          "| overhead (unchecked) |")
     print("|---|---|---|---|---|")
     for device in devices:
         gen = torch.Generator(device=device).manual_seed(0)
@@ -82,15 +84,15 @@ def update_table(devices: List[str], repeat: int, b: int = B, d: int = D, c: int
         y = torch.randint(0, c, (b,), generator=gen, device=device)
         gram = torch.zeros(d, d, dtype=torch.float64, device=device)
 
-        def floor() -> None:
+        def floor(x: torch.Tensor = x, gram: torch.Tensor = gram) -> None:
             xd = x.double()
             gram.addmm_(xd.T, xd)
 
         checked = LogMEAccumulator(d, c, device=device)
         unchecked = LogMEAccumulator(d, c, device=device, check_inputs=False)
         t_floor = _median_ms(floor, device, repeat)
-        t_checked = _median_ms(lambda: checked.update(x, y), device, repeat)
-        t_unchecked = _median_ms(lambda: unchecked.update(x, y), device, repeat)
+        t_checked = _median_ms(lambda acc=checked, x=x, y=y: acc.update(x, y), device, repeat)
+        t_unchecked = _median_ms(lambda acc=unchecked, x=x, y=y: acc.update(x, y), device, repeat)
         print(f"| {device} | {t_floor:.3f} ms | {t_checked:.3f} ms | {t_unchecked:.3f} ms "
               f"| {t_unchecked - t_floor:+.3f} ms |", flush=True)
         record(json_path, "stream", {"update": {device: {

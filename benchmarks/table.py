@@ -43,9 +43,10 @@ if str(_ROOT) not in sys.path:
 
 import torch_logme  # noqa: E402
 import torch_logme.reference as _reference  # noqa: E402
-from _results import cpu_model, record  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 from torch_logme import logme  # noqa: E402
 from torch_logme.reference import LogME as RefLogME  # noqa: E402
+
+from _results import cpu_model, record  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 #: (N, D, C) of the CPU/CUDA comparison; "small" is the first one only.
 SHAPES: list[tuple[int, int, int]] = [(10_000, 768, 10), (20_000, 1024, 100), (20_000, 1024, 1000)]
@@ -181,18 +182,18 @@ def run_table(shapes: list[tuple[int, int, int]], devices: list[str], repeat: in
         warm_up_torch(torch.device(dev))
     for n, d, c in shapes:
         f_np, y_np = make_problem(n, d, c)
-        fns: dict[str, Callable[[], float]] = {"ref": lambda: RefLogME().fit(f_np, y_np)}
+        fns: dict[str, Callable[[], float]] = {"ref": lambda f=f_np, y=y_np: RefLogME().fit(f, y)}
         if "cpu" in devices:
             f_cpu, y_cpu = torch.from_numpy(f_np), torch.from_numpy(y_np)
-            fns["cpu"] = lambda: logme(f_cpu, y_cpu, dtype=torch.float64).item()
+            fns["cpu"] = lambda f=f_cpu, y=y_cpu: logme(f, y, dtype=torch.float64).item()
         if "cuda" in devices:
             # The features live on the GPU as float32 before the clock starts
             # (the scoring-after-forward-pass case); compute is float64.
             f_gpu = torch.from_numpy(f_np).to("cuda", torch.float32)
             y_gpu = torch.from_numpy(y_np).to("cuda")
 
-            def run_cuda() -> float:
-                out = logme(f_gpu, y_gpu, dtype=torch.float64)
+            def run_cuda(f: torch.Tensor = f_gpu, y: torch.Tensor = y_gpu) -> float:
+                out = logme(f, y, dtype=torch.float64)
                 torch.cuda.synchronize()
                 return out.item()
 
@@ -310,15 +311,17 @@ def run_floor(device: str, shape: tuple[int, int, int], repeat: int, reference_b
     if device == "cuda":
         torch.cuda.synchronize()
 
+    # The closures here run only before `del feats, labels` below, which frees
+    # the device memory (ruff resolves their names after the del: F821).
     def end_to_end() -> float:
-        return logme(feats, labels, dtype=torch.float64).item()
+        return logme(feats, labels, dtype=torch.float64).item()  # noqa: F821
 
     # Warm up both (cuBLAS/cuSOLVER handles, workspaces, allocator pools).
     score = end_to_end()
     chunked_gram_eigh(feats)
     # At least 5 runs on the GPU, where a run takes a fraction of a second.
     repeat = max(repeat, 5) if device == "cuda" else max(repeat, 1)
-    t_floor = device_time(lambda: chunked_gram_eigh(feats), device, repeat)
+    t_floor = device_time(lambda: chunked_gram_eigh(feats), device, repeat)  # noqa: F821
     t_logme = device_time(end_to_end, device, repeat)
     extra_gb = None
     if device == "cuda":

@@ -83,7 +83,7 @@ def test_fixed_point_cpu(benchmark, inputs, path) -> None:
 def interleaved(inputs: tuple, rounds: int = 15) -> Dict[str, List[float]]:
     """Times in ms of each path, run alternately so that load on a shared machine hits both."""
     times: Dict[str, List[float]] = {name: [] for name in PATHS}
-    for name, fn in PATHS.items():  # warm-up
+    for fn in PATHS.values():  # warm-up
         fn(*inputs)
     for _ in range(rounds):
         for name, fn in PATHS.items():

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
 import numpy as np
-from conftest import make_features
 
 from torch_logme import reference
+
+from conftest import make_features
 
 
 @dataclass(frozen=True)

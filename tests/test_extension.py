@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import torch_logme
-from torch_logme import _extension, logme
+from torch_logme import _extension, evidence, logme
 from torch_logme import spectrum as _spectrum
-from torch_logme import evidence
 from torch_logme._options import make_options
 from torch_logme.sums import compute_statistics
 
@@ -279,7 +278,9 @@ def op_args(device: str, *, whitened: bool, weights: bool):
 @pytest.mark.parametrize("whitened", [False, True], ids=["primal", "whitened"])
 @pytest.mark.parametrize("weights", [False, True], ids=["all", "weights"])
 def test_opcheck(compiled, whitened, weights):
-    torch.library.opcheck(torch.ops.torch_logme.fixed_point.default, op_args(compiled, whitened=whitened, weights=weights))
+    torch.library.opcheck(
+        torch.ops.torch_logme.fixed_point.default, op_args(compiled, whitened=whitened, weights=weights)
+    )
 
 
 def test_torch_compile_fullgraph(compiled):

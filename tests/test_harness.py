@@ -11,11 +11,12 @@ import os
 
 import pytest
 import torch
-from conftest import DTYPES, batches, free_port, run_and_exit, spawn_ranks
-from score_table import TABLE
 
 from torch_logme import SCORES, accumulator
 from torch_logme.registry import get_score, score_names
+
+from conftest import DTYPES, batches, free_port, run_and_exit, spawn_ranks
+from score_table import TABLE
 
 RTOL = 1e-9
 NAMES = list(SCORES)

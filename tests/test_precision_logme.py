@@ -96,14 +96,14 @@ def _published_exact(features, labels, *, max_iter: int = 11, tol: float = 1e-3)
             alpha = beta = mpmath.mpf(1)
             for _ in range(max_iter):
                 t = alpha / beta
-                gamma = sum(l / (l + t) for l in lam)
-                m2 = sum(l * q / (t + l) ** 2 for l, q in zip(lam, x2))
-                res2 = sum(q / (1 + l / t) ** 2 for l, q in zip(lam, x2)) + outside
+                gamma = sum(ev / (ev + t) for ev in lam)
+                m2 = sum(ev * q / (t + ev) ** 2 for ev, q in zip(lam, x2))
+                res2 = sum(q / (1 + ev / t) ** 2 for ev, q in zip(lam, x2)) + outside
                 alpha = gamma / (m2 + eps)
-                beta = ((n - k) + sum(t / (l + t) for l in lam)) / (res2 + eps)
+                beta = ((n - k) + sum(t / (ev + t) for ev in lam)) / (res2 + eps)
                 if abs(alpha / beta - t) / t <= tol:
                     break
-            logdet = sum(mpmath.log(alpha + beta * l) for l in lam) + (d - k) * mpmath.log(alpha)
+            logdet = sum(mpmath.log(alpha + beta * ev) for ev in lam) + (d - k) * mpmath.log(alpha)
             evidence = (d * mpmath.log(alpha) + n * mpmath.log(beta) - logdet - beta * res2 - alpha * m2
                         - n * mpmath.log(2 * mpmath.pi)) / 2
             scores.append(evidence / n)

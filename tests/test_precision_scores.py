@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from torch_logme import scores
 from torch_logme import (
     GBCAccumulator,
     HScoreAccumulator,
@@ -30,6 +29,7 @@ from torch_logme import (
     nce,
     reference,
     regularized_h_score,
+    scores,
     transrate,
 )
 
@@ -442,7 +442,7 @@ def test_feature_scores_property(problem):
     unit, k = _pow2_unit(g)
     oracle = _transrate_oracle(g.astype(np.float64), y) if np.abs(unit).max() > 0 else (0.0, False, 0.0, 0.0)
     for name, (fn, cls, ref) in SCORES.items():
-        value = _outcome(lambda: fn(gt, yt, dtype=compute))
+        value = _outcome(lambda fn=fn: fn(gt, yt, dtype=compute))
         if isinstance(value, ValueError):
             assert any(m in str(value) for m in MESSAGES[name]), (name, str(value))
             continue
@@ -468,11 +468,11 @@ def test_feature_scores_property(problem):
             if name == "transrate" and _rounding_negligible(unit, k):  # where log det(I + A) is exact
                 assert close(value, ref(g.astype(np.float64), y), 1e-8, atol), (name, "reference")
             assert close(streamed(cls, gt, yt, sizes=(5, 17)), value, 1e-8, atol), name
-            shifted = _outcome(lambda: fn(ht, yt))
+            shifted = _outcome(lambda fn=fn: fn(ht, yt))
             if not (isinstance(shifted, ValueError) and "all zero" in str(shifted)):  # constant, shifted to 0
                 assert close(shifted, value, 1e-8, atol), (name, "shift", shifted, value)
-    for name, (fn, cls, ref) in SCORES.items():  # every accumulator: a finite score or a clear ValueError
-        value = _outcome(lambda: streamed(cls, gt, yt, sizes=(5, 17), dtype=compute))
+    for name, (_fn, cls, _ref) in SCORES.items():  # every accumulator: a finite score or a clear ValueError
+        value = _outcome(lambda cls=cls: streamed(cls, gt, yt, sizes=(5, 17), dtype=compute))
         if isinstance(value, ValueError):
             assert any(m in str(value) for m in MESSAGES[name]), (name, "streamed", str(value))
         else:

@@ -104,7 +104,7 @@ def test_fresh_random_inputs(device):
     for _ in range(2):
         n, d, c = int(rng.integers(20, 200)), int(rng.integers(2, 40)), int(rng.integers(1, 6))
         f, y = make_features(n, d, c, seed=int(rng.integers(1 << 30)))
-        for score, (fn, ref) in FEATURE_SCORES.items():
+        for fn, ref in FEATURE_SCORES.values():
             assert_close(fn(torch.from_numpy(f).to(device), torch.from_numpy(y).to(device)), ref(f, y))
         probs = rng.dirichlet(np.full(7, 0.3), n)
         assert_close(leep(torch.from_numpy(probs).to(device), torch.from_numpy(y).to(device)), reference.leep(probs, y))

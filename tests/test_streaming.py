@@ -194,9 +194,11 @@ def test_update_does_not_modify_inputs(device):
     [
         (lambda: LogMEAccumulator(4), torch.randn(3, 5), torch.zeros(3, dtype=torch.long), ValueError, r"\[B, 4\]"),
         (lambda: LogMEAccumulator(4), torch.randn(3, 4), torch.zeros(2, dtype=torch.long), ValueError, "disagree on N"),
-        (lambda: LogMEAccumulator(4), torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.long), ValueError, "NaN"),
+        (lambda: LogMEAccumulator(4), torch.full((3, 4), float("nan")), torch.zeros(3, dtype=torch.long),
+         ValueError, "NaN"),
         (lambda: LogMEAccumulator(4), torch.randn(3, 4), torch.tensor([0, -1, 1]), ValueError, "non-negative"),
-        (lambda: LogMEAccumulator(2, regression=True, num_targets=2), torch.randn(3, 2), torch.randn(3, 3), ValueError, "columns"),
+        (lambda: LogMEAccumulator(2, regression=True, num_targets=2), torch.randn(3, 2), torch.randn(3, 3),
+         ValueError, "columns"),
     ],
 )
 def test_update_rejects(make, features, targets, exc, match):

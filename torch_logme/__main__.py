@@ -44,10 +44,10 @@ def _add_demo(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
+    import torch
+
     from torch_logme.ranking import InputFileError, rank_files
     from torch_logme.registry import DEFAULT_SCORE
-
-    import torch
 
     try:
         ranking, files = rank_files(
@@ -87,7 +87,8 @@ def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--labels", required=True, metavar="LABELS", help="file of class ids [N]: .npy, .npz or .pt")
     p.add_argument(
         "--score", action="extend", nargs="+", choices=list(SCORES), metavar="NAME",
-        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). One of: {', '.join(SCORES)}",
+        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). "
+        f"One of: {', '.join(SCORES)}",
     )
     p.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")

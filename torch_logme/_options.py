@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 
 from ._validators import boolean, one_of, positive_float, positive_int
+
 METHODS = ("fixed_point", "icml")
 ABSENT_CLASSES = ("count", "skip")
 SOLVERS = ("eigh", "svd")

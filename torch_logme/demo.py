@@ -328,6 +328,7 @@ def _format_table(result: DemoResult) -> str:
             if r.reference_logme is None:
                 line += f"  {'-':>8}  {'-':>11}"
             else:
+                assert r.reference_seconds is not None  # timed with the reference score
                 line += (
                     f"  {1e3 * r.reference_seconds:>8.1f}"
                     f"  {abs(r.logme - r.reference_logme):>11.1e}"
@@ -375,7 +376,8 @@ def run_demo(
     train_idx, test_idx = stratified_split(labels, 0.7, seed)
     ref_warmup = _warm_up(device, compare_reference)
     if compare_reference:
-        from torch_logme.reference import NUMBA_AVAILABLE, LogME as RefLogME
+        from torch_logme.reference import NUMBA_AVAILABLE
+        from torch_logme.reference import LogME as RefLogME
 
     rows = []
     for k, (name, extractor) in enumerate(EXTRACTORS):

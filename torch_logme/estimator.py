@@ -83,7 +83,8 @@ class LogME:
         """
         inputs = prepare(f, y, regression=self.regression, num_classes=None, device=self.options.device)
         if self.fitted:
-            warnings.warn("re-fitting for new data. old parameters cleared.")
+            # stacklevel=1 as the published estimator, which this is a drop-in for.
+            warnings.warn("re-fitting for new data. old parameters cleared.", stacklevel=1)
             self.reset()
         else:
             self.fitted = True

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def _fixed_point_torch(
         proj_sq = proj_sq / scale
     n = float(num_samples)
     num_columns = proj_sq.shape[0]
-    like = dict(dtype=lam.dtype, device=lam.device)
+    like: Dict[str, Any] = dict(dtype=lam.dtype, device=lam.device)
     positive = lam > 0
     # A zero eigenvalue adds nothing to gamma: N - gamma = (N - #positive) + t sum_{lam > 0} r.
     free_dims = n - positive.sum().to(lam.dtype)
@@ -215,6 +215,7 @@ def _fixed_point_torch(
         else:
             # Same quantities from p^2 = z^2 / lam, without a subtraction:
             # ||y - F m||^2 = outside + t^2 sum p^2 / (t + lam)^2.
+            assert outside_sq is not None  # the whitened forms come with it (Spectrum)
             q = r.mul_(whitened_sq)
             m2_new = q @ lam
             res2_new = outside_sq + (fit.mul_(whitened_sq)).sum(1)
@@ -275,11 +276,12 @@ def roundoff_error(spec: "Spectrum", result: FixedPointResult) -> Tensor:
     (set to 0) by all the range it was cut from, with the z it had. Nearly
     equal eigenvalues mix their eigenvectors by as much: a factor 2.
     """
-    lam = spec.eigenvalues
+    lam, noise = spec.eigenvalues, spec.noise
+    assert noise is not None  # every decomposition in spectrum.py sets it
     t = (result.alpha / result.beta).unsqueeze(1)  # [C, 1]
     unresolved = lam <= 0
     dims = max(lam.shape[0], spec.num_samples)
-    spread = torch.where(unresolved, dims * spec.noise, spec.noise)  # [k]
+    spread = torch.where(unresolved, dims * noise, noise)  # [k]
     if spec.whitened_sq is not None:
         p_sq = spec.whitened_sq
     else:

@@ -149,6 +149,7 @@ def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_
         )
     spec, result, trusted = _attempt(fast, options, RTOL[dtype], rank)
     if trusted:
+        assert spec is not None and result is not None  # a trusted attempt has both
         return spec, result
     if dtype != torch.float64:
         spec, result = solve(inputs, _in_float64(options), with_basis=with_basis)
@@ -170,6 +171,7 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
         lambda: _spectrum.primal(stats, with_basis=False), options, RTOL[options.dtype], rank
     )
     if trusted:
+        assert result is not None  # a trusted attempt has one
         return result.evidence
     if options.dtype == torch.float64:
         precise = _attempt(lambda: _spectrum.precise(stats, with_basis=False), options, None, rank)
@@ -179,6 +181,7 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
         wide = _spectrum.precise(stats.to(torch.float64), with_basis=False)
         # The sums themselves carry float32 round-off: the spectrum is no better than that.
         floor = torch.finfo(options.dtype).eps * wide.eigenvalues.amax()
+        assert wide.noise is not None  # every decomposition in spectrum.py sets it
         return replace(wide, noise=torch.maximum(wide.noise, floor))
 
     _, result, trusted = _attempt(widened, replace(options, dtype=torch.float64), RTOL[options.dtype], rank)
@@ -187,6 +190,7 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
             "the float32 sums of this accumulator cannot resolve these features (offset, badly scaled "
             "or ill-conditioned): accumulate with dtype=torch.float64"
         )
+    assert result is not None  # a trusted attempt has one
     return result.evidence.to(options.dtype)
 
 

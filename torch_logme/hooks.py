@@ -25,7 +25,19 @@ import inspect
 from contextlib import contextmanager
 from functools import partial
 from typing import (
-    Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
 )
 
 import torch

@@ -28,8 +28,9 @@ numbers exactly. (The original repository's maintainers accepted this as a
 bug in its issue #23.) With N > D the Gram-based SVD keeps every singular value
 above 1e-10; round-off usually puts a "zero" one near 1e-8, so k = D even
 for rank-deficient features and the two settings agree, but LAPACK may
-return an exact 0 (all-zero columns, say), which is then dropped. The ICML code sums over all D eigenvalues already, so the
-flag has no effect for ``method="icml"``.
+return an exact 0 (all-zero columns, say), which is then dropped. The ICML
+code sums over all D eigenvalues already, so the flag has no effect for
+``method="icml"``.
 
 When numba is installed the per-column work is JIT-compiled, as in the
 published code, so benchmarks compare against it at its published speed.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import numpy as np
 
@@ -179,6 +181,7 @@ def _icml_column(
 def _numba_usable() -> bool:
     try:
         import numba  # noqa: F401
+
         # numba's np.dot / np.linalg.svd call SciPy's BLAS and LAPACK.
         import scipy.linalg  # noqa: F401
     except ImportError:
@@ -189,6 +192,7 @@ def _numba_usable() -> bool:
 NUMBA_AVAILABLE: bool = _numba_usable()
 
 _PY_KERNELS = (_truncated_svd, _fixed_point_column, _icml_column)
+_NB_KERNELS: Optional[tuple]  # None without numba
 if NUMBA_AVAILABLE:
     import numba
 
@@ -264,7 +268,10 @@ class LogME:
         self.fitted = False
 
     def _kernels(self) -> tuple:
-        return _NB_KERNELS if self.use_numba else _PY_KERNELS
+        if self.use_numba:
+            assert _NB_KERNELS is not None  # __init__ refuses use_numba without numba
+            return _NB_KERNELS
+        return _PY_KERNELS
 
     def _targets(self, y: np.ndarray, n: int) -> np.ndarray:
         """Target matrix [N, C] in float64 (one-hot columns for labels)."""
@@ -295,7 +302,8 @@ class LogME:
         (regression). The score is the mean of the per-column evidences.
         """
         if self.fitted:
-            warnings.warn("re-fitting for new data. old parameters cleared.")
+            # stacklevel=1, the published code's: the warning names this line.
+            warnings.warn("re-fitting for new data. old parameters cleared.", stacklevel=1)
             self.reset()
         f = np.ascontiguousarray(np.asarray(f, dtype=np.float64))
         if f.ndim != 2:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -247,6 +247,7 @@ def make_frame(
         size = torch.full((d,), float(largest), dtype=torch.float64, device=f.device)
     else:
         size = magnitude(f).amax().expand(d)
+    scale: Optional[Tensor]  # None below when every scale is 1
     scale = pow2_scale(size, scale_band(dtype, power), SCALE_LIMIT[work])
     scaled = torch.where(size > 0, size * scale, torch.full_like(size, math.inf))
     largest, unit, smallest = torch.stack([size.max(), (scale == 1).all().to(torch.float64), scaled.min()]).tolist()
@@ -349,7 +350,7 @@ class ClassMoments:
         squares: bool = False,
         fourth: bool = False,
     ) -> "ClassMoments":
-        kw = dict(dtype=dtype, device=device)
+        kw: Dict[str, Any] = dict(dtype=dtype, device=device)
         d, c = num_features, num_classes
         return cls(
             torch.zeros(c, **kw),
@@ -374,6 +375,7 @@ class ClassMoments:
             if self.squares is not None:
                 add_rows_(self.squares, y, x * x)
             if self.norm_sq_sums is not None:
+                assert self.norm_quartic is not None  # zeros(fourth=True) makes both
                 norm_sq = (x * x).sum(1)
                 self.norm_sq_sums.add_(norm_sq @ x)
                 self.norm_quartic.add_((norm_sq * norm_sq).sum())
@@ -396,6 +398,7 @@ class ClassMoments:
 
     def full_gram(self) -> Tensor:
         """sum x x^T [D, D], symmetric (``gram`` may hold only its upper triangle)."""
+        assert self.gram is not None, "these moments were summed without gram=True"
         return symmetric(self.gram)
 
     def covariance(self) -> Tensor:
@@ -519,6 +522,7 @@ def nce(
     """
     dtype, device = _resolve(dtype, device)
     s, t, cs, ct = prepare_label_pair(source_labels, target_labels, device=device)
+    assert cs is not None and ct is not None  # read, as check_values is left on
     with torch.no_grad():
         counts = torch.zeros(cs * ct, dtype=dtype, device=s.device)
         counts.index_add_(0, s * ct + t, torch.ones_like(s, dtype=dtype))
@@ -651,6 +655,7 @@ def _ledoit_wolf(
 
 def regularized_h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
     """Shrinkage H-score from counts, class sums, F^T F and the fourth-moment sums."""
+    assert m.norm_quartic is not None and m.norm_sq_sums is not None, "moments summed without fourth=True"
     n = m.num_samples
     p = m.sums.shape[1]
     mu = m.mean()
@@ -1068,21 +1073,25 @@ def transrate(
         # Z is the rows themselves, not moments: centre them to the last digit (``centre``).
         frame = make_frame(f, dtype, per_column=False, power=2, centre=True, largest=inputs.magnitude)
         g, eps_f = rate_eps(eps, float(frame.log2_scale[0]), frame.spread, n, dtype)
-        where = dict(scale=frame.scale, centre=frame.centre)
         counts = torch.zeros(c, dtype=dtype, device=f.device).index_add_(0, y, torch.ones_like(y, dtype=dtype))
         counts_host = [int(v) for v in counts.tolist()]
         cond = torch.zeros((), dtype=dtype, device=f.device)
         # With N > D the class blocks also sum the whole data's D x D Gram matrix.
         whole = torch.zeros(f.shape[1], f.shape[1], dtype=dtype, device=f.device) if n > f.shape[1] else None
-        for ids, grams in class_gram_blocks(f, y, counts_host, frame.shift, dtype, dual=True, total=whole, **where):
+        for ids, grams in class_gram_blocks(
+            f, y, counts_host, frame.shift, dtype, dual=True, total=whole, scale=frame.scale, centre=frame.centre
+        ):
             if g != 1.0:
                 grams *= g
             cond = cond + (counts[ids] / n * _coding_rates(grams, counts[ids], eps_f)).sum()
         if whole is None:  # N <= D: the N x N Gram matrix of all rows
-            for _, gram in class_gram_blocks(f, torch.zeros_like(y), [n], frame.shift, dtype, dual=True, **where):
+            for _, gram in class_gram_blocks(
+                f, torch.zeros_like(y), [n], frame.shift, dtype, dual=True, scale=frame.scale, centre=frame.centre
+            ):
                 whole = gram[0]
         else:
             whole = symmetric(whole)
+        assert whole is not None  # the loop above yields its one block
         if g != 1.0:
             whole *= g
         score = _coding_rates(whole[None], counts.new_full((1,), n), eps_f)[0] - cond
@@ -1214,5 +1223,6 @@ def gbc(
         # Diagonal covariances: one power of two per column (the floor is scaled with it).
         frame = make_frame(f, dtype, per_column=True, power=2)
         m = _moments(f, inputs.targets, inputs.num_columns, dtype, frame, squares=True)
+        assert m.squares is not None  # squares=True
         score = gbc_from_moments(m.counts, m.sums, m.squares, min_variance, scale=frame.scale)
         return _finite(score, "GBC", frame.size)

@@ -224,11 +224,11 @@ class SumAccumulator:
         dist = torch.distributed
         self._ensure_allocated()
         names = list(self._sizes())
-        local = [self._sizes()[n][0] for n in names]
+        local_sizes = [self._sizes()[n][0] for n in names]
         device = next(iter(self._states.values())).device
         if names:
             # Max and min of every size in one all_reduce: [s, -s] under MAX.
-            probe = torch.tensor(local + [-s for s in local], dtype=torch.int64, device=device)
+            probe = torch.tensor(local_sizes + [-s for s in local_sizes], dtype=torch.int64, device=device)
             dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=group)
             high, low = probe[: len(names)].tolist(), [-v for v in probe[len(names):].tolist()]
             for name, hi, lo in zip(names, high, low):
@@ -452,6 +452,7 @@ class LogMEAccumulator(SumAccumulator):
     @torch.inference_mode(False)
     def _link_states(self) -> None:
         stats = self._stats
+        assert stats is not None  # called once _allocate has made them
         count = getattr(self, "_count", None)
         if count is None or count.device != stats.gram.device:
             self._count = torch.zeros((), dtype=torch.float64, device=stats.gram.device)
@@ -541,11 +542,14 @@ class LogMEAccumulator(SumAccumulator):
                 self._grow("num_columns", inputs.num_columns)
         with torch.no_grad():
             stats = self._stats
+            assert stats is not None  # allocated above
             stats.shift = self._take_shift(inputs.features, self.options.dtype, stats.gram.device)
             stats.add_(inputs.features, inputs.targets, not self.regression)
             self._count += inputs.num_samples
 
-    def _compute(self, states: Mapping[str, Tensor], reduction: str = "mean") -> Tensor:
+    # Narrower than the base's **kwargs on purpose, as compute() below: LogME
+    # takes only ``reduction``, and an unknown keyword should raise.
+    def _compute(self, states: Mapping[str, Tensor], reduction: str = "mean") -> Tensor:  # type: ignore[override]
         one_of(reduction, "reduction", REDUCTIONS)
         n = int(states["num_samples"].item())
         if n < 2:

@@ -202,8 +202,9 @@ class NCEAccumulator(_NamedSums):
         )
         self._ensure_allocated_on(device)
         for name, seen in (("num_source_classes", cs), ("num_target_classes", ct)):
-            if seen is not None and self._fixed[name] is not None and seen > self._fixed[name]:
-                raise ValueError(f"class label {seen - 1} is out of range for {name}={self._fixed[name]}")
+            limit = self._fixed[name]
+            if seen is not None and limit is not None and seen > limit:
+                raise ValueError(f"class label {seen - 1} is out of range for {name}={limit}")
             self._grow_to(name, seen)
         counts = self._states["counts"]
         with torch.no_grad():

@@ -9,8 +9,8 @@ float32 F is never copied whole to float64.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -155,7 +155,7 @@ class SufficientStatistics:
     def zeros(
         cls, num_features: int, num_columns: int, *, dtype: torch.dtype, device: torch.device
     ) -> "SufficientStatistics":
-        kw = dict(dtype=dtype, device=device)
+        kw: Dict[str, Any] = dict(dtype=dtype, device=device)
         return cls(
             torch.zeros(num_features, num_features, **kw),
             torch.zeros(num_features, **kw),

@@ -132,7 +132,10 @@ class ScoreCallback(pl.Callback):
         scorer.remove()
         self._scorer = None
         if any(acc is None for acc in scorer.accumulators.values()):
-            warnings.warn(f"{type(self).__name__}: layer {self.layer!r} saw no validation batch; nothing logged")
+            # Lightning calls this hook: no caller of the user's to point at.
+            warnings.warn(
+                f"{type(self).__name__}: layer {self.layer!r} saw no validation batch; nothing logged", stacklevel=1
+            )
             return
         (value,) = scorer.compute().values()  # sums across ranks when distributed
         score = float(value)

@@ -415,6 +415,6 @@ class LogMEMetric(TransferabilityMetric):
         self.check_inputs = check_inputs
         self._compute_options = {"reduction": reduction}
 
-    def update(self, features: Any, targets: Any) -> None:  # type: ignore[override]
+    def update(self, features: Any, targets: Any) -> None:
         """Add a batch: features [B, D]; labels [B] in [0, C), or targets [B] / [B, K]."""
         super().update(features, targets)
