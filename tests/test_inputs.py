@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_logme import LogME, logme, sums
+from torch_logme import LogME, logme, spectrum, sums
 
 from conftest import make_features
 
@@ -72,7 +72,8 @@ def no_heavy_work(monkeypatch):
         raise AssertionError("heavy work started before the input was rejected")
 
     monkeypatch.setattr(sums, "row_chunks", forbidden)
-    monkeypatch.setattr(sums, "column_chunks", forbidden)
+    # spectrum imports column_chunks by name (the dual route's kernel): patch it where it is called.
+    monkeypatch.setattr(spectrum, "column_chunks", forbidden)
     monkeypatch.setattr(torch.linalg, "eigh", forbidden)
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
 
