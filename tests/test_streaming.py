@@ -179,6 +179,72 @@ def test_load_state_dict_follows_any_device():
     assert restored.num_columns == 3
 
 
+# State dicts saved by LogMEAccumulator before the accumulators shared one
+# allocation machinery (commit 50de705), written out as literals: a checkpoint
+# of that layout must keep loading, and score as it did then.
+_F1 = [[10.0, 1.0, -2.0], [12.0, 0.0, -1.0], [11.0, 3.0, -2.0], [9.0, 2.0, -3.0]]
+_F2 = [[10.5, 2.0, -2.5], [11.5, 1.0, -1.5], [13.0, -1.0, -0.5]]
+_GRAM = [[12.25, -8.75, 7.25], [-8.75, 11.75, -6.25], [7.25, -6.25, 4.75]]
+
+
+def _saved_state(dtype, cross, target_sum, target_sq, config):
+    def t(values, kind=dtype):
+        return torch.tensor(values, dtype=kind)
+
+    return {
+        "gram": t(_GRAM), "feature_sum": t([3.5, -2.5, 1.5]), "cross": t(cross), "target_sum": t(target_sum),
+        "target_sq": t(target_sq), "num_samples": t(7.0, torch.float64), "shift": t([10.5, 1.5, -2.0]),
+        "config": config, "sizes": {"num_features": 3, "num_columns": len(target_sum)},
+    }
+
+
+def test_loads_state_dict_of_earlier_layout():
+    # Classification, classes grown on update: _F1 with labels [0, 1, 1, 0], then _F2 with [2, 1, 2].
+    state = _saved_state(
+        torch.float64, [[-2.0, 0.0, -1.0], [3.0, -0.5, 1.5], [2.5, -2.0, 1.0]], [2.0, 3.0, 2.0], [2.0, 3.0, 2.0],
+        {"num_features": 3, "regression": False, "fixed_columns": None, "dtype": "torch.float64"},
+    )
+    acc = LogMEAccumulator(3)
+    acc.load_state_dict(state)
+    assert acc.num_columns == 3 and torch.equal(acc.shift, state["shift"])
+    for name, value in acc.states.items():
+        assert torch.equal(value, state[name]) and value.dtype == state[name].dtype, name
+    assert close(acc.compute(), torch.tensor(-0.8071896780043536, dtype=torch.float64), rtol=1e-12)
+    expected = torch.tensor([-0.7832969011813776, -0.8844076012220906, -0.7538645316095922], dtype=torch.float64)
+    assert close(acc.compute(reduction="none"), expected, rtol=1e-12)
+    features = torch.tensor(_F1 + _F2, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 0, 2, 1, 2])
+    assert close(acc.compute(), logme(features, labels))
+    resaved = acc.state_dict()  # the same keys, sizes and settings as the earlier layout
+    assert set(resaved) == set(state) and resaved["sizes"] == state["sizes"] and resaved["config"] == state["config"]
+    acc.update(features, labels)  # and it keeps accumulating
+    assert close(acc.compute(), logme(torch.cat([features, features]), torch.cat([labels, labels])))
+
+    # Regression in float32 (its count float64 even so), targets [B, 2] fixed up front.
+    state = _saved_state(
+        torch.float32, [[0.5, -2.0, -0.75], [-4.125, 2.875, -3.25]], [7.0, 3.25], [17.5, 6.5625],
+        {"num_features": 3, "regression": True, "fixed_columns": 2, "dtype": "torch.float32"},
+    )
+    reg = LogMEAccumulator(3, regression=True, num_targets=2, dtype=torch.float32)
+    reg.load_state_dict(state)
+    assert reg.states["num_samples"].dtype == torch.float64 and reg.states["gram"].dtype == torch.float32
+    assert close(reg.compute(), torch.tensor(-1.646598219871521, dtype=torch.float64), rtol=1e-6)
+
+    # Saved before any batch: no shift, and the first batch after loading sets one.
+    empty = {
+        "gram": torch.zeros(3, 3, dtype=torch.float64), "feature_sum": torch.zeros(3, dtype=torch.float64),
+        "cross": torch.zeros(3, 3, dtype=torch.float64), "target_sum": torch.zeros(3, dtype=torch.float64),
+        "target_sq": torch.zeros(3, dtype=torch.float64), "num_samples": torch.tensor(0.0, dtype=torch.float64),
+        "shift": None, "config": {"num_features": 3, "regression": False, "fixed_columns": 3, "dtype": "torch.float64"},
+        "sizes": {"num_features": 3, "num_columns": 3},
+    }
+    fresh = LogMEAccumulator(3, num_classes=3)
+    fresh.load_state_dict(empty)
+    assert fresh.shift is None
+    fresh.update(features, labels)
+    assert close(fresh.compute(), logme(features, labels, num_classes=3))
+
+
 def test_update_does_not_modify_inputs(device):
     f = torch.randn(20, 5, device=device)
     y = torch.randint(0, 3, (20,), device=device)

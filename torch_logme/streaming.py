@@ -6,8 +6,9 @@ and never the features, merge with another accumulator, and sum its state
 across processes with one ``all_reduce``. The design follows torchmetrics:
 ``update`` per batch, ``compute`` per epoch, ``reset`` to start again.
 
-``SumAccumulator`` holds the mechanics (named sum-states, merge, state_dict,
-sync); a score subclasses it with ``update`` and ``_compute``.
+``SumAccumulator`` holds the mechanics (named sum-states, their sizes and
+growth, merge, state_dict, sync) for every accumulator; a score subclasses it
+with its states' layout (``_AXES``), ``update`` and ``_compute``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._checks import Inputs, as_tensor, prepare
-from ._options import make_options
+from ._options import ScoreOptions, make_options
 from ._validators import boolean, one_of, positive_int
 from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
 from .sums import SufficientStatistics
@@ -47,10 +48,11 @@ def _default_device(hint: Optional[torch.device] = None) -> torch.device:
 class SumAccumulator:
     """Named tensors that are sums over samples, with merge / state_dict / sync.
 
-    Subclasses register their states with ``_add_state`` and describe their
-    sizes with ``_sizes`` (which must agree across processes; a growable one
-    is padded to the largest). Every state is summed, never averaged, so
-    merging and all-reducing are exact.
+    Subclasses list their states in ``_AXES`` (name -> the names of the
+    sizes along its axes) and give the sizes to ``__init__``: a size given
+    is fixed and must agree across processes; one left None starts at 0,
+    grows on update and is padded to the largest on merge and sync. Every
+    state is summed, never averaged, so merging and all-reducing are exact.
 
     Accumulators of features set ``_SHIFTED = True``: their sums are of
     x = features - shift, with the shift [D] taken from the first batch
@@ -58,24 +60,36 @@ class SumAccumulator:
     spread keep their digits. Two accumulators (or ranks) with different
     shifts are brought to one shift with ``_recentre`` before their sums
     are added; that algebra is exact, it reads no data.
+
+    Args:
+        sizes: every size name in ``_AXES`` -> its value, or None to grow it.
+        options: ``dtype`` (of the states, unless ``_STATE_DTYPES`` names
+            another) and ``device`` (None: made lazily, see
+            ``_ensure_allocated``); a score's own options ride along.
+        sync_on_compute: ``compute()`` sums the states across ranks first
+            when a torch.distributed group is initialised.
     """
 
     _SHIFTED = False
+    #: The states in order, each as the names of the sizes along its axes.
+    _AXES: Dict[str, Tuple[str, ...]] = {}
+    #: States kept in a dtype of their own instead of ``options.dtype``.
+    _STATE_DTYPES: Dict[str, torch.dtype] = {}
 
-    def __init__(self, *, sync_on_compute: bool = True) -> None:
+    def __init__(
+        self, sizes: Mapping[str, Optional[int]], options: ScoreOptions, *, sync_on_compute: bool = True
+    ) -> None:
         self.sync_on_compute = sync_on_compute
+        self.options = options
+        self._fixed: Dict[str, Optional[int]] = dict(sizes)
+        self._dims: Dict[str, int] = {name: (value or 0) for name, value in sizes.items()}
         self._states: "OrderedDict[str, Tensor]" = OrderedDict()
+        self._allocated = False
         self._shift: Optional[Tensor] = None
+        if options.device is not None:
+            self._allocate(options.device)
 
     # -- to be provided by subclasses ------------------------------------
-    def _sizes(self) -> Dict[str, Tuple[int, bool]]:
-        """Sizes as name -> (value, growable). Fixed sizes must match across ranks."""
-        return {}
-
-    def _grow(self, name: str, size: int) -> None:
-        """Enlarge the states along the growable size ``name`` to ``size``."""
-        raise NotImplementedError
-
     def _config(self) -> Dict[str, Any]:
         """Settings that two accumulators must share to be merged."""
         return {}
@@ -123,18 +137,69 @@ class SumAccumulator:
             out["shift"] = shift
         return out
 
-    # -- shared mechanics ----------------------------------------------------
+    # -- the states and their sizes ------------------------------------------
+    # States are made outside inference mode even when the first update runs inside it
+    # (Lightning validates under inference_mode): inference tensors could not be reset
+    # or added to in place afterwards.
+    @torch.inference_mode(False)
+    def _allocate(self, device: torch.device) -> None:
+        """Make every state in ``_AXES``, zero, at the current sizes, on ``device``."""
+        self._states = OrderedDict(
+            (name, torch.zeros(
+                tuple(self._dims[a] for a in axes),
+                dtype=self._STATE_DTYPES.get(name, self.options.dtype), device=device,
+            ))
+            for name, axes in self._AXES.items()
+        )
+        self._allocated = True
+
     def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
         """Create the states if they are made lazily (on the first update).
 
         Args:
             device: where to make them when there are none yet and no
-                ``device=`` was given (the device of the tensors about to be
-                loaded or merged in); None: the default device.
+                ``device=`` was given (the device of the first batch, or of
+                the tensors about to be loaded or merged in); None: the
+                default device.
         """
+        if not self._allocated:
+            self._allocate(_default_device(device))
 
-    def _add_state(self, name: str, value: Tensor) -> None:
-        self._states[name] = value
+    def _device(self, fallback: torch.device) -> torch.device:
+        """Where the states are, or will be once the first batch (on ``fallback``) passes its checks."""
+        if not self._allocated:
+            return self.options.device or fallback
+        return next(iter(self._states.values())).device
+
+    def _growable(self, name: str) -> bool:
+        """Whether the size ``name`` may differ across accumulators and ranks (padded to the largest)."""
+        return self._fixed[name] is None
+
+    def _sizes(self) -> Dict[str, Tuple[int, bool]]:
+        """Sizes as name -> (value, growable). Fixed sizes must match across ranks."""
+        return {name: (size, self._growable(name)) for name, size in self._dims.items()}
+
+    @torch.inference_mode(False)
+    def _grow(self, name: str, size: int) -> None:
+        """Enlarge every state along the size ``name`` to ``size``, padding with zeros."""
+        if not self._allocated:
+            self._dims[name] = size
+            self._allocate(torch.device("cpu"))
+            return
+        for state, axes in self._AXES.items():
+            value = self._states[state]
+            for axis, axis_name in enumerate(axes):
+                if axis_name == name and value.shape[axis] < size:
+                    shape = list(value.shape)
+                    shape[axis] = size - value.shape[axis]
+                    value = torch.cat([value, value.new_zeros(shape)], dim=axis)
+            self._states[state] = value
+        self._dims[name] = size
+
+    def _grow_to(self, name: str, size: Optional[int]) -> None:
+        """``_grow`` when ``size`` (None: nothing seen) is past the current one."""
+        if size is not None and size > self._dims[name]:
+            self._grow(name, size)
 
     @property
     def states(self) -> Mapping[str, Tensor]:
@@ -283,6 +348,7 @@ class SumAccumulator:
 
     def compute(self, **kwargs: Any) -> Tensor:
         """The score of everything seen so far (on every rank, when distributed)."""
+        self._ensure_allocated()
         if self.sync_on_compute and _distributed_ready():
             reduced, shift = self._reduced_states()
             return self._compute(self._with_shift(reduced, shift), **kwargs)
@@ -347,11 +413,24 @@ class SumAccumulator:
         return {"has_shift": True, "shift": torch.stack(shifts).mean(0).to(self._shift_dtype())}
 
 
-def _as_statistics(states: Mapping[str, Tensor], shift: Optional[Tensor]) -> SufficientStatistics:
-    """A SufficientStatistics view of LogME's summed states (no copies)."""
+def _as_statistics(
+    states: Mapping[str, Tensor], shift: Optional[Tensor], num_samples: Optional[int] = None
+) -> SufficientStatistics:
+    """A SufficientStatistics view of LogME's summed states (no copies).
+
+    Args:
+        states: LogME's states by name (gram [D, D], feature_sum [D],
+            cross [C, D], target_sum [C], target_sq [C], num_samples []).
+        shift: [D] what the sums are about, or None.
+        num_samples: the view's N; None reads the "num_samples" state (a
+            host read). N is kept in that state only: a view's own count is
+            never read back.
+    """
+    if num_samples is None:
+        num_samples = int(round(float(states["num_samples"].item())))
     return SufficientStatistics(
         states["gram"], states["feature_sum"], states["cross"], states["target_sum"], states["target_sq"],
-        int(round(float(states["num_samples"].item()))), shift,
+        num_samples, shift,
     )
 
 
@@ -397,6 +476,17 @@ class LogMEAccumulator(SumAccumulator):
             :func:`torch_logme.logme`.
     """
 
+    _SHIFTED = True
+    # N is counted here only: a SufficientStatistics is a view of these states, made per update and
+    # compute, whose own count is read from this one. Float64 whatever the sums' dtype: a float32
+    # count stops being exact at 2**24 samples.
+    _AXES = {
+        "gram": ("num_features", "num_features"), "feature_sum": ("num_features",),
+        "cross": ("num_columns", "num_features"), "target_sum": ("num_columns",),
+        "target_sq": ("num_columns",), "num_samples": (),
+    }
+    _STATE_DTYPES = {"num_samples": torch.float64}
+
     def __init__(
         self,
         num_features: int,
@@ -414,7 +504,6 @@ class LogMEAccumulator(SumAccumulator):
         legacy_evidence: bool = False,
         absent_classes: str = "count",
     ) -> None:
-        super().__init__(sync_on_compute=sync_on_compute)
         positive_int(num_features, "num_features")
         boolean(regression, "regression")
         if regression and num_classes is not None:
@@ -423,89 +512,40 @@ class LogMEAccumulator(SumAccumulator):
             raise ValueError("num_targets applies to regression only; use num_classes for classification")
         positive_int(num_classes, "num_classes", optional=True)
         positive_int(num_targets, "num_targets", optional=True)
-        self.options = make_options(
+        options = make_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
             legacy_evidence=legacy_evidence, absent_classes=absent_classes,
         )
         self.num_features = num_features
         self.regression = regression
         self.check_inputs = check_inputs
-        self._fixed_columns = num_classes if not regression else num_targets
-        self._growable = not regression and num_classes is None
-        self._stats: Optional[SufficientStatistics] = None
-        if self.options.device is not None:
-            self._allocate(self.options.device, self._fixed_columns or 0)
-
-    # -- state -------------------------------------------------------------
-    # States are made outside inference mode even when the first update runs
-    # inside it (Lightning validates under inference_mode): inference tensors
-    # could not be reset or added to in place afterwards.
-    @torch.inference_mode(False)
-    def _allocate(self, device: torch.device, num_columns: int) -> None:
-        self._stats = SufficientStatistics.zeros(
-            self.num_features, num_columns, dtype=self.options.dtype, device=device
+        columns = num_classes if not regression else num_targets
+        super().__init__(
+            {"num_features": num_features, "num_columns": columns}, options, sync_on_compute=sync_on_compute
         )
-        self._link_states()
 
-    _SHIFTED = True
-
-    @torch.inference_mode(False)
-    def _link_states(self) -> None:
-        stats = self._stats
-        assert stats is not None  # called once _allocate has made them
-        count = getattr(self, "_count", None)
-        if count is None or count.device != stats.gram.device:
-            self._count = torch.zeros((), dtype=torch.float64, device=stats.gram.device)
-        self._states = OrderedDict(
-            gram=stats.gram, feature_sum=stats.feature_sum, cross=stats.cross,
-            target_sum=stats.target_sum, target_sq=stats.target_sq, num_samples=self._count,
-        )
+    # -- state ---------------------------------------------------------------
+    def _growable(self, name: str) -> bool:
+        # Regression targets without num_targets take their width from the first batch, then keep it.
+        return name == "num_columns" and not self.regression and self._fixed[name] is None
 
     def _recentre(self, states: Mapping[str, Tensor], delta: Tensor) -> Dict[str, Tensor]:
         moved = _as_statistics(states, None).recentred_by(delta)
         return dict(states, gram=moved.gram, feature_sum=moved.feature_sum, cross=moved.cross)
 
-    def _bind(self, states: Mapping[str, Tensor], frame: Optional[Mapping[str, Any]]) -> "SumAccumulator":
-        # The statistics and the count wrap the bound tensors too: update adds through them.
-        super()._bind(states, frame)
-        s = self._states
-        self._stats = SufficientStatistics(
-            s["gram"], s["feature_sum"], s["cross"], s["target_sum"], s["target_sq"], 0, self._shift
-        )
-        self._count = s["num_samples"]
-        return self
-
     @property
     def num_columns(self) -> int:
         """C: classes seen so far (or fixed), or regression targets."""
-        return 0 if self._stats is None else self._stats.cross.shape[0]
-
-    def _sizes(self) -> Dict[str, Tuple[int, bool]]:
-        return {"num_features": (self.num_features, False), "num_columns": (self.num_columns, self._growable)}
-
-    @torch.inference_mode(False)
-    def _grow(self, name: str, size: int) -> None:
-        stats = self._stats
-        if stats is None:
-            self._allocate(torch.device("cpu"), size)
-            return
-        extra = size - stats.cross.shape[0]
-        stats.cross = torch.cat([stats.cross, stats.cross.new_zeros(extra, self.num_features)])
-        stats.target_sum = torch.cat([stats.target_sum, stats.target_sum.new_zeros(extra)])
-        stats.target_sq = torch.cat([stats.target_sq, stats.target_sq.new_zeros(extra)])
-        self._link_states()
+        # 0 until the states exist, even when fixed: the value this property has always had there.
+        return self._dims["num_columns"] if self._allocated else 0
 
     def _config(self) -> Dict[str, Any]:
         return {
             "num_features": self.num_features,
             "regression": self.regression,
-            "fixed_columns": self._fixed_columns,
+            "fixed_columns": self._fixed["num_columns"],
             "dtype": str(self.options.dtype),
         }
-
-    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
-        if self._stats is None:
-            self._allocate(_default_device(device), self._fixed_columns or 0)
 
     # -- the torchmetrics-style API -------------------------------------------
     def check_batch(self, features: Any, targets: Any, device: Optional[torch.device] = None) -> Inputs:
@@ -517,7 +557,7 @@ class LogMEAccumulator(SumAccumulator):
             )
         inputs = prepare(
             f, targets, regression=self.regression,
-            num_classes=None if self.regression else self._fixed_columns,
+            num_classes=None if self.regression else self._fixed["num_columns"],
             device=device, batch=True, check_values=self.check_inputs,
         )
         check_magnitude(inputs, batch=True)
@@ -525,27 +565,24 @@ class LogMEAccumulator(SumAccumulator):
 
     def update(self, features: Any, targets: Any) -> None:
         """Add a batch: features [B, D] (any float dtype); labels [B] or targets [B] / [B, K]."""
-        if self._stats is None:
-            device = self.options.device or as_tensor(features, "features").device
-            inputs = self.check_batch(features, targets, device)
-            self._allocate(device, self._fixed_columns or 0)
-        else:
-            inputs = self.check_batch(features, targets, self._stats.gram.device)
+        f = as_tensor(features, "features")
+        device = self._device(f.device)
+        inputs = self.check_batch(f, targets, device)
+        self._ensure_allocated(device)
         if self.regression and self.num_columns == 0:
             self._grow("num_columns", inputs.num_columns)
         if inputs.num_columns != self.num_columns:
-            if not self._growable and self.regression:
+            if not self._growable("num_columns") and self.regression:
                 raise ValueError(
                     f"targets have {inputs.num_columns} columns, expected {self.num_columns} as in earlier batches"
                 )
-            if inputs.num_columns > self.num_columns:
-                self._grow("num_columns", inputs.num_columns)
+            self._grow_to("num_columns", inputs.num_columns)
         with torch.no_grad():
-            stats = self._stats
-            assert stats is not None  # allocated above
-            stats.shift = self._take_shift(inputs.features, self.options.dtype, stats.gram.device)
-            stats.add_(inputs.features, inputs.targets, not self.regression)
-            self._count += inputs.num_samples
+            shift = self._take_shift(inputs.features, self.options.dtype, device)
+            # The view's N is a dummy: reading the state's would cost a host sync per batch.
+            view = _as_statistics(self._states, shift, num_samples=0)
+            view.add_(inputs.features, inputs.targets, not self.regression)
+            self._states["num_samples"].add_(inputs.num_samples)
 
     # Narrower than the base's **kwargs on purpose, as compute() below: LogME
     # takes only ``reduction``, and an unknown keyword should raise.
@@ -568,6 +605,4 @@ class LogMEAccumulator(SumAccumulator):
 
     def compute(self, reduction: str = "mean") -> Tensor:  # type: ignore[override]
         """LogME of every batch so far: 0-dim ("mean", "sum") or [C] ("none")."""
-        self._ensure_allocated()
         return super().compute(reduction=reduction)
-

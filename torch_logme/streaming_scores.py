@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ from .scores import (
     transrate_from_class_grams,
     work_dtype,
 )
-from .streaming import SumAccumulator, _default_device, _state_device
+from .streaming import SumAccumulator, _state_device
 from .sums import add_rows_
 
 __all__ = [
@@ -69,12 +69,10 @@ Device = Union[str, torch.device, None]
 
 
 class _NamedSums(SumAccumulator):
-    """Sum-states whose shapes are named sizes; a size left unset grows on update.
+    """The other scores' accumulators: settings are the sizes, the dtype and ``check_inputs``.
 
-    Subclasses list their states in ``_AXES`` as name -> tuple of size names.
+    Subclasses list their states in ``_AXES`` (see ``SumAccumulator``).
     """
-
-    _AXES: Dict[str, Tuple[str, ...]] = {}
 
     def __init__(
         self,
@@ -85,73 +83,20 @@ class _NamedSums(SumAccumulator):
         sync_on_compute: bool,
         check_inputs: bool,
     ) -> None:
-        super().__init__(sync_on_compute=sync_on_compute)
-        self.options = make_options(dtype=dtype, device=device)
+        options = make_options(dtype=dtype, device=device)
         self.check_inputs = boolean(check_inputs, "check_inputs")
-        self._fixed = dict(sizes)
-        self._dims = {name: (value or 0) for name, value in sizes.items()}
-        self._allocated = False
-        if self.options.device is not None:
-            self._allocate(self.options.device)
+        super().__init__(sizes, options, sync_on_compute=sync_on_compute)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.options.dtype
 
-    # States are made outside inference mode even when the first update runs inside it
-    # (Lightning validates under inference_mode): inference tensors could not be reset
-    # or added to in place afterwards.
-    @torch.inference_mode(False)
-    def _allocate(self, device: torch.device) -> None:
-        self._states = OrderedDict(
-            (name, torch.zeros(tuple(self._dims[a] for a in axes), dtype=self.dtype, device=device))
-            for name, axes in self._AXES.items()
-        )
-        self._allocated = True
-
-    def _ensure_allocated(self, device: Optional[torch.device] = None) -> None:
-        if not self._allocated:
-            self._allocate(_default_device(device))
-
-    def _device(self, fallback: torch.device) -> torch.device:
-        """Where the states are, or will be once the first batch passes its checks."""
-        if not self._allocated:
-            return self.options.device or fallback
-        return next(iter(self._states.values())).device
-
-    def _ensure_allocated_on(self, device: torch.device) -> None:
-        if not self._allocated:
-            self._allocate(device)
-
-    def _sizes(self) -> Dict[str, Tuple[int, bool]]:
-        return {name: (self._dims[name], self._fixed[name] is None) for name in self._dims}
-
-    @torch.inference_mode(False)
-    def _grow(self, name: str, size: int) -> None:
-        if not self._allocated:
-            self._dims[name] = size
-            self._allocate(torch.device("cpu"))
-            return
-        for state, axes in self._AXES.items():
-            value = self._states[state]
-            for axis, axis_name in enumerate(axes):
-                if axis_name == name and value.shape[axis] < size:
-                    shape = list(value.shape)
-                    shape[axis] = size - value.shape[axis]
-                    value = torch.cat([value, value.new_zeros(shape)], dim=axis)
-            self._states[state] = value
-        self._dims[name] = size
-
-    def _grow_to(self, name: str, size: Optional[int]) -> None:
-        if size is not None and size > self._dims[name]:
-            self._grow(name, size)
-
     def _config(self) -> Dict[str, Any]:
         return {"fixed": self._fixed, "dtype": str(self.dtype)}
 
+    # Narrower than the base's **kwargs on purpose: these scores take no compute options.
     def compute(self) -> Tensor:  # type: ignore[override]
         """The score of every batch so far (0-dim; summed over ranks when distributed)."""
-        self._ensure_allocated()
         return super().compute()
 
 
@@ -200,7 +145,7 @@ class NCEAccumulator(_NamedSums):
         s, t, cs, ct = prepare_label_pair(
             probe, target_labels, device=device, batch=True, check_values=self.check_inputs or not fixed
         )
-        self._ensure_allocated_on(device)
+        self._ensure_allocated(device)
         for name, seen in (("num_source_classes", cs), ("num_target_classes", ct)):
             limit = self._fixed[name]
             if seen is not None and limit is not None and seen > limit:
@@ -289,7 +234,7 @@ class _FeatureSums(_NamedSums):
             f, labels, regression=False, num_classes=self._fixed["num_classes"], device=device,
             batch=True, check_values=self.check_inputs,
         )
-        self._ensure_allocated_on(device)
+        self._ensure_allocated(device)
         self._grow_to("num_classes", inputs.num_columns)
         with torch.no_grad():
             shift = self._take_shift(inputs.features, torch.float64, device)
@@ -458,7 +403,6 @@ class _FeatureSums(_NamedSums):
 
     def _bind(self, states: Mapping[str, Tensor], frame: Optional[Mapping[str, Any]]) -> "SumAccumulator":
         super()._bind(states, frame)
-        self._allocated = True
         self._scale = frame["scale"] if frame is not None and self._shift is not None else None
         self._wide = frame is not None and bool(frame["wide"])
         self._target_scale = None
