@@ -324,7 +324,7 @@ def test_inputs_are_not_modified(device):
 
 def test_float32_input_is_converted_in_chunks(monkeypatch):
     """A float32 F is never copied whole to float64: the Gram matrix is built chunk by chunk."""
-    from torch_logme import sums
+    from torch_logme import _primitives, sums
 
     f, y = make_features(500, 16, 3, seed=1)
     f32 = torch.from_numpy(f).float()
@@ -332,12 +332,15 @@ def test_float32_input_is_converted_in_chunks(monkeypatch):
     seen = []
     real = sums.row_chunks
 
-    def spy(features, dtype, shift=None):
-        for rows, chunk in real(features, dtype, shift):
+    def spy(*args, **kwargs):
+        for rows, chunk in real(*args, **kwargs):
             seen.append(chunk.shape[0])
             yield rows, chunk
 
-    monkeypatch.setattr(sums, "CHUNK_BYTES", 64 * 16 * 8)  # 64 rows of float64
+    # 64 rows of float64 on every device (the CPU's policy has a floor of rows too).
+    for name in ("CHUNK_BYTES", "CPU_CHUNK_BYTES"):
+        monkeypatch.setattr(_primitives, name, 64 * 16 * 8)
+    monkeypatch.setattr(_primitives, "CPU_CHUNK_ROWS", 1)
     monkeypatch.setattr(sums, "row_chunks", spy)
     chunked = logme(f32, torch.from_numpy(y))
     assert max(seen) == 64 and sum(seen) == 500

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -42,8 +43,22 @@ from torch import Tensor
 
 from ._checks import prepare, prepare_label_pair, prepare_probabilities
 from ._options import make_options
+from ._primitives import (
+    add_counts_,
+    add_gram_,
+    add_rows_,
+    class_counts,
+    class_sums,
+    gram_full,
+    itemsize,
+    pinv_diagonal,
+    row_chunks,
+    safe_divide,
+    safe_reciprocal,
+    safe_rsqrt,
+)
 from ._validators import positive_float
-from .sums import CHUNK_BYTES, CONSTANT_COLUMN_EPS, add_gram_, add_rows_, int_shifted, symmetric
+from .sums import CONSTANT_COLUMN_EPS, int_shifted
 
 __all__ = [
     "leep",
@@ -68,10 +83,6 @@ DEFAULT_RCOND = {torch.float64: 1e-10, torch.float32: 1e-4}
 #: scaled constants), well inside each dtype's normal range.
 SCALE_LIMIT = {torch.float64: 1000, torch.float32: 120}
 
-#: Row chunks of the passes over the data on CPU, with a floor on the rows (see _row_chunks).
-CPU_CHUNK_BYTES = 8 << 20
-CPU_CHUNK_ROWS = 256
-
 #: Memory bound of the temporaries of one block of classes (TransRate's
 #: per-class Gram matrices, GBC's class-pair terms).
 BLOCK_BYTES = 256 << 20
@@ -87,35 +98,6 @@ def _resolve(dtype: torch.dtype, device: Device) -> Tuple[torch.dtype, Optional[
     """Validate ``dtype`` and ``device`` exactly as ``logme`` does."""
     options = make_options(dtype=dtype, device=device)
     return options.dtype, options.device
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _row_chunks(
-    f: Tensor, dtype: torch.dtype, shift: Optional[Tensor], scale: Optional[Tensor] = None,
-    centre: Optional[Tensor] = None,
-) -> Iterator[Tuple[slice, Tensor]]:
-    """Yield (rows, (f[rows] - shift) * scale - centre in ``dtype``); see ``framed``.
-
-    GPUs get chunks of CHUNK_BYTES (few launches). CPUs get smaller chunks
-    (CPU_CHUNK_BYTES, but at least CPU_CHUNK_ROWS rows so that Gram updates
-    stay matrix products): their temporaries are reused from the allocator's
-    cache instead of fresh, page-faulting memory, which made the element-wise
-    passes 2-4x faster on a 2-core machine. Much smaller chunks lose again
-    to the per-operation cost of OpenMP on a loaded machine.
-    """
-    n, d = f.shape
-    row_bytes = max(1, d * _itemsize(dtype))
-    if f.device.type == "cpu":
-        step = max(CPU_CHUNK_ROWS, CPU_CHUNK_BYTES // row_bytes)
-    else:
-        step = CHUNK_BYTES // row_bytes
-    step = max(1, min(n, step))
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        yield rows, framed(f[rows], dtype, shift, scale, centre)
 
 
 # -- frames: where the sums are taken --------------------------------------------
@@ -258,14 +240,15 @@ def make_frame(
         shift = f.sum(0, dtype=work) / n
     else:  # the plain sum would overflow: sum scaled rows
         total = torch.zeros(d, dtype=work, device=f.device)
-        for _, x in _row_chunks(f, work, torch.zeros(d, dtype=work, device=f.device), scale):
+        zero = torch.zeros(d, dtype=work, device=f.device)
+        for _, x in row_chunks(f, work, partial(framed, dtype=work, shift=zero, scale=scale)):
             total += x.sum(0)
         shift = total / n / scale
     frame = Frame(shift, scale, size=largest, smallest=0.0 if math.isinf(smallest) else smallest)
     if centre:
         total = torch.zeros(d, dtype=work, device=f.device)
         square = torch.zeros(d, dtype=work, device=f.device)
-        for _, x in _row_chunks(f, work, shift, scale):
+        for _, x in row_chunks(f, work, partial(framed, dtype=work, shift=shift, scale=scale)):
             total += x.sum(0)
             square += (x * x).sum(0)
         frame.centre = total / n
@@ -296,13 +279,6 @@ def _finite(score: Tensor, name: str, size: float, remedy: str = "divide the fea
             f"exceed the range of {score.dtype}; {remedy} (or compute in float64)"
         )
     return score
-
-
-def _pinv_diagonal(values: Tensor, rcond: float) -> Tensor:
-    """1 / values where values > rcond * max(values), else 0 (a pseudo-inverse of a diagonal)."""
-    cutoff = rcond * values.amax().clamp_min(torch.finfo(values.dtype).tiny)
-    keep = values > cutoff
-    return torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
 
 
 def _rcond(rcond: Optional[float], dtype: torch.dtype) -> float:
@@ -365,10 +341,10 @@ class ClassMoments:
     def add_(self, features: Tensor, labels: Tensor) -> "ClassMoments":
         """Add a batch in place: features [B, D] (shifted and scaled as set here), int64 labels [B]."""
         dtype = self.sums.dtype
-        for rows, x in _row_chunks(features, dtype, self.shift, self.scale):
+        convert = partial(framed, dtype=dtype, shift=self.shift, scale=self.scale)
+        for rows, x in row_chunks(features, dtype, convert):
             y = labels[rows]
-            # index_add_ rather than bincount: bincount reads the largest label to the host.
-            self.counts.index_add_(0, y, torch.ones_like(y, dtype=dtype))
+            add_counts_(self.counts, y)
             add_rows_(self.sums, y, x)
             if self.gram is not None:
                 add_gram_(self.gram, x)
@@ -399,7 +375,7 @@ class ClassMoments:
     def full_gram(self) -> Tensor:
         """sum x x^T [D, D], symmetric (``gram`` may hold only its upper triangle)."""
         assert self.gram is not None, "these moments were summed without gram=True"
-        return symmetric(self.gram)
+        return gram_full(self.gram)
 
     def covariance(self) -> Tensor:
         """Covariance [D, D] of x (of the features, in ``scale`` units), normalised by N (the MLE)."""
@@ -416,9 +392,7 @@ class ClassMoments:
         With ``between()`` this gives the between-class covariance
         sum_c (n_c / N) d_c d_c^T = sum_c b_c b_c^T / (N n_c), b_c = n_c d_c.
         """
-        present = self.counts > 0
-        safe = torch.where(present, self.counts, torch.ones_like(self.counts))
-        return torch.where(present, 1.0 / (self.num_samples * safe), torch.zeros_like(safe))
+        return safe_reciprocal(self.num_samples * self.counts, self.counts > 0)
 
 
 def _moments(
@@ -473,18 +447,13 @@ def leep(
     n, cs = p.shape
     with torch.no_grad():
         joint = torch.zeros(num_target, cs, dtype=dtype, device=p.device)
-        if p.dtype == dtype:  # nothing to convert: one pass, no chunks
-            add_rows_(joint, y, p)
-        else:
-            for rows, chunk in _row_chunks(p, dtype, None):
-                add_rows_(joint, y[rows], chunk)
+        for rows, chunk in row_chunks(p, dtype, whole_if_same=True):
+            add_rows_(joint, y[rows], chunk)
         joint /= n
         marginal = joint.sum(0)
-        has_mass = marginal > 0
-        cond = torch.where(has_mass, joint / torch.where(has_mass, marginal, torch.ones_like(marginal)),
-                           torch.zeros_like(joint))  # [Ct, Cs]: P(y | z)
+        cond = safe_divide(joint, marginal, marginal > 0)  # [Ct, Cs]: P(y | z)
         total = torch.zeros((), dtype=dtype, device=p.device)
-        for rows, chunk in _row_chunks(p, dtype, None):
+        for rows, chunk in row_chunks(p, dtype):
             # The expected empirical prediction of each sample's own label.
             total += (cond[y[rows]] * chunk).sum(1).log().sum()
     return total / n
@@ -525,7 +494,7 @@ def nce(
     assert cs is not None and ct is not None  # read, as check_values is left on
     with torch.no_grad():
         counts = torch.zeros(cs * ct, dtype=dtype, device=s.device)
-        counts.index_add_(0, s * ct + t, torch.ones_like(s, dtype=dtype))
+        add_counts_(counts, s * ct + t)
         return nce_from_counts(counts.view(cs, ct))
 
 
@@ -542,11 +511,11 @@ def h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
     cov = m.covariance()
     var = cov.diagonal()
     constant = _constant_columns(var, m.mean())
-    scale = torch.where(constant, torch.zeros_like(var), torch.where(constant, torch.ones_like(var), var).rsqrt())
+    scale = safe_rsqrt(var, ~constant)
     corr = cov * scale[:, None] * scale[None, :]
     lam, vec = torch.linalg.eigh(corr)
     proj = (m.between() * scale) @ vec  # [C, D]: class offsets in the eigenbasis
-    return (m.between_weights()[:, None] * proj * proj * _pinv_diagonal(lam, rcond)).sum()
+    return (m.between_weights()[:, None] * proj * proj * pinv_diagonal(lam, rcond)).sum()
 
 
 def _dual_standardised(f: Tensor, dtype: torch.dtype, frame: Frame, standardise: bool) -> Tensor:
@@ -561,22 +530,9 @@ def _dual_standardised(f: Tensor, dtype: torch.dtype, frame: Frame, standardise:
     if standardise:
         var = (x * x).mean(0)
         constant = _constant_columns(var, mean)
-        scale = torch.where(constant, torch.zeros_like(var), torch.where(constant, torch.ones_like(var), var).rsqrt())
+        scale = safe_rsqrt(var, ~constant)
         x = x * scale
     return x
-
-
-def _class_sums_of_rows(u: Tensor, y: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
-    """([C, K] per-class sums of the rows of u [N, K], [C] counts)."""
-    sums = add_rows_(torch.zeros(num_classes, u.shape[1], dtype=u.dtype, device=u.device), y, u)
-    counts = torch.zeros(num_classes, dtype=u.dtype, device=u.device)
-    counts.index_add_(0, y, torch.ones_like(y, dtype=u.dtype))
-    return sums, counts
-
-
-def _inverse_counts(counts: Tensor) -> Tensor:
-    present = counts > 0
-    return torch.where(present, 1.0 / torch.where(present, counts, torch.ones_like(counts)), torch.zeros_like(counts))
 
 
 def _h_score_dual(
@@ -589,9 +545,9 @@ def _h_score_dual(
     """
     x = _dual_standardised(f, dtype, frame, standardise=True)
     lam, u = torch.linalg.eigh(x @ x.T / x.shape[0])
-    sums, counts = _class_sums_of_rows(u, y, num_classes)
-    keep = _pinv_diagonal(lam, rcond) > 0
-    return (_inverse_counts(counts)[:, None] * sums * sums * keep).sum()
+    sums = class_sums(u, y, num_classes)
+    keep = pinv_diagonal(lam, rcond) > 0
+    return (safe_reciprocal(class_counts(y, num_classes, u.dtype))[:, None] * sums * sums * keep).sum()
 
 
 def h_score(
@@ -648,8 +604,7 @@ def _ledoit_wolf(
     # b-bar^2 = (1/N^2) sum_k ||x_k x_k^T - S||^2 = (sum_k ||x_k||^4 - N ||S||^2) / N^2
     beta_bar = ((quartic / n - fro_sq) / (n * p)).clamp_min(0)
     beta = torch.minimum(beta_bar, delta)
-    positive = delta > 0
-    alpha = torch.where(positive, beta / torch.where(positive, delta, torch.ones_like(delta)), torch.zeros_like(delta))
+    alpha = safe_divide(beta, delta, delta > 0)
     return alpha, mu
 
 
@@ -674,7 +629,7 @@ def regularized_h_score_from_moments(m: ClassMoments, rcond: float) -> Tensor:
     lam, vec = torch.linalg.eigh(cov)
     shrunk = (1 - alpha) * lam + alpha * target
     proj = m.between() @ vec
-    return (1 - alpha) * (m.between_weights()[:, None] * proj * proj * _pinv_diagonal(shrunk, rcond)).sum()
+    return (1 - alpha) * (m.between_weights()[:, None] * proj * proj * pinv_diagonal(shrunk, rcond)).sum()
 
 
 def _regularized_h_score_dual(
@@ -700,9 +655,10 @@ def _regularized_h_score_dual(
     alpha, target = _ledoit_wolf(trace, (lam * lam).sum(), dev_sq, quartic, nt, p)
     shrunk = (1 - alpha) * lam + alpha * target
     # The D - N zero eigenvalues shrink to alpha * mu: they set the cut-off's scale too.
-    inv = _pinv_diagonal(torch.cat([shrunk, (alpha * target).reshape(1)]), rcond)[:n]
-    sums, counts = _class_sums_of_rows(u, y, num_classes)
-    return (1 - alpha) * (_inverse_counts(counts)[:, None] * sums * sums * lam * inv).sum()
+    inv = pinv_diagonal(torch.cat([shrunk, (alpha * target).reshape(1)]), rcond)[:n]
+    sums = class_sums(u, y, num_classes)
+    inverse_counts = safe_reciprocal(class_counts(y, num_classes, u.dtype))
+    return (1 - alpha) * (inverse_counts[:, None] * sums * sums * lam * inv).sum()
 
 
 def regularized_h_score(
@@ -894,7 +850,7 @@ def class_gram_blocks(
     matrices already sum to their part.
     """
     device, d = f.device, f.shape[1]
-    item = _itemsize(dtype)
+    item = itemsize(dtype)
     by_size = sorted(range(len(counts_host)), key=counts_host.__getitem__)
     sizes = [counts_host[c] for c in by_size]
     # Samples ordered by class, classes ordered by size: a block is a run of rows.
@@ -1017,7 +973,7 @@ def transrate_from_class_grams(
         whole_gram *= g
     whole = _coding_rates(whole_gram[None], n.reshape(1), eps_f, noise)[0]
     cond = torch.zeros((), dtype=sums.dtype, device=sums.device)
-    step = max(1, budget // max(1, 3 * d * d * _itemsize(sums.dtype)))
+    step = max(1, budget // max(1, 3 * d * d * itemsize(sums.dtype)))
     for start in range(0, c, step):  # blocks of classes, to bound memory
         rows = slice(start, min(start + step, c))
         k = counts[rows]
@@ -1073,7 +1029,7 @@ def transrate(
         # Z is the rows themselves, not moments: centre them to the last digit (``centre``).
         frame = make_frame(f, dtype, per_column=False, power=2, centre=True, largest=inputs.magnitude)
         g, eps_f = rate_eps(eps, float(frame.log2_scale[0]), frame.spread, n, dtype)
-        counts = torch.zeros(c, dtype=dtype, device=f.device).index_add_(0, y, torch.ones_like(y, dtype=dtype))
+        counts = class_counts(y, c, dtype)
         counts_host = [int(v) for v in counts.tolist()]
         cond = torch.zeros((), dtype=dtype, device=f.device)
         # With N > D the class blocks also sum the whole data's D x D Gram matrix.
@@ -1090,7 +1046,7 @@ def transrate(
             ):
                 whole = gram[0]
         else:
-            whole = symmetric(whole)
+            whole = gram_full(whole)
         assert whole is not None  # the loop above yields its one block
         if g != 1.0:
             whole *= g
@@ -1152,9 +1108,8 @@ def gbc_from_moments(counts: Tensor, sums: Tensor, squares: Tensor, min_variance
     """
     c, d = sums.shape
     present = counts > 0
-    safe = torch.where(present, counts, torch.ones_like(counts))[:, None]
-    mean = sums / safe
-    second = squares / safe
+    mean = safe_divide(sums, counts[:, None], present[:, None])
+    second = safe_divide(squares, counts[:, None], present[:, None])
     var = second - mean * mean
     # A variance within round-off of the class's second moment about the shift
     # is that of a column constant within the class: 0, which the floor then
@@ -1168,7 +1123,7 @@ def gbc_from_moments(counts: Tensor, sums: Tensor, squares: Tensor, min_variance
     var = torch.maximum(var, floor)
     quarter_logdet = 0.25 * var.log().sum(1)  # [C]: 1/4 log det diag(v_c)
     # At least 8 blocks when there are classes enough: later blocks skip the pairs already done.
-    step = max(1, min(-(-c // 8), budget // max(1, 3 * c * d * _itemsize(sums.dtype))))
+    step = max(1, min(-(-c // 8), budget // max(1, 3 * c * d * itemsize(sums.dtype))))
     total = torch.zeros((), dtype=sums.dtype, device=sums.device)
     index = torch.arange(c, device=sums.device)
     for start in range(0, c, step):  # blocks of classes, to bound memory and skip j < i

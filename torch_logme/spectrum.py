@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .sums import CONSTANT_COLUMN_EPS, SufficientStatistics, add_gram_, add_rows_, column_chunks
+from ._primitives import add_gram_, class_counts, class_sums, column_chunks, gram_eigh
+from .sums import CONSTANT_COLUMN_EPS, SufficientStatistics
 
 
 @dataclass
@@ -98,9 +99,9 @@ def _svd_noise(sigma: Tensor) -> Tensor:
 
 def primal(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum:
     """Spectrum from the Gram matrix: eigh of G [D, D], then Z = F^T Y V."""
-    # eigh reads the upper triangle only, which is all add_gram_ fills: unshifted sums need no copy.
+    # Unshifted sums are F^T F as stored: gram_eigh reads them without a symmetric copy.
     gram = stats.gram if stats.shift is None else stats.raw_gram()
-    raw, vecs = torch.linalg.eigh(gram, UPLO="U")
+    raw, vecs = gram_eigh(gram)
     noise = _eigh_noise(raw)
     lam = _resolved(raw, noise, raw.shape[0])
     # z of an unresolved direction is round-off (or signal the eigh lost): its mass goes to the residual.
@@ -165,15 +166,13 @@ def precise(stats: SufficientStatistics, *, with_basis: bool = True) -> Spectrum
 def _column_sums(u: Tensor, targets: Tensor, num_columns: int, classification: bool) -> Tensor:
     """Y^T U [C, k] for U [N, k]: per-class row sums for labels, a matmul otherwise."""
     if classification:
-        out = torch.zeros(num_columns, u.shape[1], dtype=u.dtype, device=u.device)
-        return add_rows_(out, targets, u)
+        return class_sums(u, targets, num_columns)
     return targets.to(u.dtype).T @ u
 
 
 def _target_sq(targets: Tensor, num_columns: int, classification: bool, dtype: torch.dtype) -> Tensor:
     if classification:
-        out = torch.zeros(num_columns, dtype=dtype, device=targets.device)
-        return out.index_add_(0, targets, torch.ones_like(targets, dtype=dtype))
+        return class_counts(targets, num_columns, dtype)
     y = targets.to(dtype)
     return (y * y).sum(0)
 
@@ -192,7 +191,7 @@ def dual(
     kernel = torch.zeros(n, n, dtype=dtype, device=features.device)
     for _, chunk in column_chunks(features, dtype):
         add_gram_(kernel, chunk.T)  # F F^T = (F^T)^T F^T
-    raw, u = torch.linalg.eigh(kernel, UPLO="U")
+    raw, u = gram_eigh(kernel)
     noise = _eigh_noise(raw)
     lam = _resolved(raw, noise, n)
     p = _column_sums(u, targets, num_columns, classification)

@@ -35,6 +35,7 @@ from torch import Tensor
 from ._checks import as_tensor, prepare, prepare_label_pair
 from ._checks import source_labels as source_labels_of
 from ._options import make_options
+from ._primitives import add_counts_, add_rows_, gram_full
 from ._validators import boolean, positive_float, positive_int
 from .scores import (
     SCALE_LIMIT,
@@ -50,12 +51,10 @@ from .scores import (
     pow2_scale,
     regularized_h_score_from_moments,
     scale_band,
-    symmetric,
     transrate_from_class_grams,
     work_dtype,
 )
 from .streaming import SumAccumulator, _state_device
-from .sums import add_rows_
 
 __all__ = [
     "NCEAccumulator",
@@ -154,7 +153,7 @@ class NCEAccumulator(_NamedSums):
         counts = self._states["counts"]
         with torch.no_grad():
             flat = counts.view(-1)
-            flat.index_add_(0, s * counts.shape[1] + t, torch.ones_like(s, dtype=counts.dtype))
+            add_counts_(flat, s * counts.shape[1] + t)
 
     def _compute(self, states: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
         counts = states["counts"]
@@ -555,7 +554,7 @@ class RegularizedHScoreAccumulator(HScoreAccumulator):
         #   sum ||y||^4   = sum q^2 + 4 d^T G d + N dd^2 + 4 (sum q x).d + 2 dd tr G + 4 dd s.d
         # with G = sum x x^T and s = sum x.
         out = super()._recentre(states, delta)
-        gram = symmetric(states["gram"])
+        gram = gram_full(states["gram"])
         total, n = states["sums"].sum(0), states["counts"].sum()
         norm_sq_sums, quartic = states["norm_sq_sums"], states["norm_quartic"]
         g_d, s_d, d_d, trace = gram @ delta, total @ delta, delta @ delta, gram.trace()
@@ -608,8 +607,7 @@ class TransRateAccumulator(_FeatureSums):
 
     def _add(self, features: Tensor, labels: Tensor, shift: Tensor, scale: Tensor) -> None:
         states = self._states
-        ones = torch.ones_like(labels, dtype=self.dtype)
-        batch_counts = torch.zeros_like(states["counts"]).index_add_(0, labels, ones)
+        batch_counts = add_counts_(torch.zeros_like(states["counts"]), labels)
         states["counts"].add_(batch_counts)
         add_rows_(states["sums"], labels, framed(features, self.dtype, shift, scale))
         sizes = [int(v) for v in batch_counts.tolist()]

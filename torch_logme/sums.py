@@ -10,78 +10,17 @@ float32 F is never copied whole to float64.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._primitives import add_counts_, add_gram_, add_rows_, gram_full, row_chunks
+
 #: A column whose variance (its centred second moment) is at most this many eps
 #: of its second moment about the shift is constant: the variance is round-off.
 CONSTANT_COLUMN_EPS = 64
-
-# Bytes of one converted chunk: large enough for efficient matmuls, small
-# enough that the extra peak memory stays far below a float64 copy of F.
-CHUNK_BYTES = 64 << 20
-
-
-# On CPU, accumulate only the upper triangle of the Gram matrix, a block row
-# at a time: (blocks + 1) / (2 blocks) of the flops of a full product (torch
-# has no syrk), and the eigendecompositions read only that triangle. On GPUs
-# one full product is faster than several launches.
-GRAM_BLOCKS = 4
-_MIN_BLOCKED_DIM = 256
-
-
-def add_gram_(gram: Tensor, chunk: Tensor) -> None:
-    """Add chunk^T chunk to gram [D, D] for chunk [B, D]; the upper triangle is exact.
-
-    On CPU (D >= 256) the strictly lower triangle is left untouched, so
-    callers read gram through its upper triangle only (eigh(..., UPLO="U")).
-    """
-    d = chunk.shape[1]
-    if chunk.device.type != "cpu" or d < _MIN_BLOCKED_DIM:
-        gram.addmm_(chunk.T, chunk)
-        return
-    step = -(-d // GRAM_BLOCKS)
-    for start in range(0, d, step):
-        stop = min(start + step, d)
-        # Block row start:stop, from the diagonal rightwards, written in place.
-        gram[start:stop, start:].addmm_(chunk[:, start:stop].T, chunk[:, start:])
-
-
-def add_rows_(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
-    """out[index[i]] += rows[i] for out [C, ...], int64 index [B], rows [B, ...]; returns out.
-
-    On CPU index_put_(accumulate=True) runs 3-5x faster than index_add_ for
-    rows of many values (measured at 20000 x 1024); on GPUs index_add_'s
-    atomics avoid index_put_'s sort.
-    """
-    if out.device.type == "cpu":
-        return out.index_put_((index,), rows, accumulate=True)
-    return out.index_add_(0, index, rows)
-
-
-def _chunk_len(total: int, other: int, dtype: torch.dtype) -> int:
-    per_item = other * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(total, CHUNK_BYTES // max(per_item, 1)))
-
-
-def row_chunks(
-    features: Tensor, dtype: torch.dtype, shift: Optional[Tensor] = None
-) -> Iterator[Tuple[slice, Tensor]]:
-    """Yield (rows, features[rows] in ``dtype`` minus ``shift`` [D]) for features [N, D].
-
-    Already in ``dtype`` and no shift: one chunk, no copy. Otherwise chunks
-    of about CHUNK_BYTES, so that the converted copy never holds all of F.
-    """
-    n, d = features.shape
-    if features.dtype == dtype and shift is None:
-        yield slice(0, n), features
-        return
-    step = _chunk_len(n, d, dtype)
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        yield rows, _shifted(features[rows], dtype, shift)
 
 
 def _shifted(rows: Tensor, dtype: torch.dtype, shift: Optional[Tensor]) -> Tensor:
@@ -109,18 +48,6 @@ def int_shifted(rows: Tensor, shift: Tensor) -> Tensor:
     return torch.where(wrapped, rows.to(torch.float64) - shift, exact)
 
 
-def column_chunks(features: Tensor, dtype: torch.dtype) -> Iterator[Tuple[slice, Tensor]]:
-    """Yield (cols, features[:, cols] in ``dtype``) for features [N, D]; see row_chunks."""
-    n, d = features.shape
-    if features.dtype == dtype:
-        yield slice(0, d), features
-        return
-    step = _chunk_len(d, n, dtype)
-    for start in range(0, d, step):
-        cols = slice(start, min(start + step, d))
-        yield cols, features[:, cols].to(dtype)
-
-
 @dataclass
 class SufficientStatistics:
     """Sums over samples that determine the LogME evidence, about a shift.
@@ -132,7 +59,8 @@ class SufficientStatistics:
     shift is set from the first batch and any other one is exact too
     (``recentred_by``).
 
-    gram: [D, D] sum of x x^T; only its upper triangle is authoritative (see add_gram_).
+    gram: [D, D] sum of x x^T, stored by its upper triangle: read it through
+        ``gram_full`` or ``gram_eigh`` (``_primitives``), or its diagonal.
     feature_sum: [D] sum of x.
     cross: [C, D] row c is sum_i y_ic x_i (for classification, the sum of
         the shifted feature rows of class c).
@@ -177,17 +105,16 @@ class SufficientStatistics:
         dtype = self.gram.dtype
         if self.shift is None and shift:
             self.shift = features.sum(0, dtype=dtype) / max(features.shape[0], 1)
-        for rows, chunk in row_chunks(features, dtype, self.shift):
+        convert = None if self.shift is None else partial(_shifted, dtype=dtype, shift=self.shift)
+        # Chunks only bound a converted copy: unshifted features already in dtype go in whole.
+        for rows, chunk in row_chunks(features, dtype, convert, whole_if_same=True):
             add_gram_(self.gram, chunk)
             self.feature_sum.add_(chunk.sum(0))
             y = targets[rows]
             if classification:
                 add_rows_(self.cross, y, chunk)
-                # index_add_ rather than bincount: bincount must read the
-                # largest label back to the host to size its output.
-                ones = torch.ones_like(y, dtype=dtype)
-                self.target_sq.index_add_(0, y, ones)
-                self.target_sum.index_add_(0, y, ones)
+                add_counts_(self.target_sq, y)
+                add_counts_(self.target_sum, y)
             else:
                 y = y.to(dtype)
                 self.cross.addmm_(y.T, chunk)
@@ -226,13 +153,13 @@ class SufficientStatistics:
         """
         n = max(self.num_samples, 1)
         s1 = self.feature_sum
-        centred = symmetric(self.gram) - torch.outer(s1, s1) / n
+        centred = gram_full(self.gram) - torch.outer(s1, s1) / n
         return centred, self.mean()
 
     def raw_gram(self) -> Tensor:
         """F^T F [D, D] of the features themselves, symmetric."""
         if self.shift is None:
-            return symmetric(self.gram)
+            return gram_full(self.gram)
         centred, mu = self.centred()
         return centred + self.num_samples * torch.outer(mu, mu)
 
@@ -241,11 +168,6 @@ class SufficientStatistics:
         if self.shift is None:
             return self.cross
         return self.cross + torch.outer(self.target_sum, self.shift)
-
-
-def symmetric(gram: Tensor) -> Tensor:
-    """The symmetric matrix whose upper triangle ``gram`` [D, D] holds (see add_gram_)."""
-    return torch.triu(gram) + torch.triu(gram, 1).T
 
 
 def compute_statistics(
