@@ -42,7 +42,7 @@ if str(_ROOT) not in sys.path:
 import torch_logme  # noqa: E402
 from torch_logme import _extension, logme  # noqa: E402
 from torch_logme._checks import prepare  # noqa: E402
-from torch_logme._options import make_options  # noqa: E402
+from torch_logme._options import logme_options  # noqa: E402
 from torch_logme.evidence import _fixed_point_compiled, _fixed_point_torch  # noqa: E402
 from torch_logme.functional import solve  # noqa: E402
 
@@ -105,7 +105,7 @@ def with_extension(enabled: bool, fn: Callable[[], object]) -> Callable[[], obje
 def row(n: int, d: int, c: int, device: torch.device, repeat: int) -> Dict[str, Any]:
     """The figures of one shape: times in ms, speed-ups, and the largest relative difference."""
     f, y = make_problem(n, d, c, device)
-    options = make_options()
+    options = logme_options()
     with torch.no_grad():
         spec, _ = solve(prepare(f, y, regression=False, num_classes=c, device=device), options, with_basis=False)
     args = (spec.eigenvalues, spec.proj_sq, spec.target_sq, spec.num_samples, spec.num_features, options,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from torch_logme import logme  # noqa: E402
-from torch_logme._options import make_options  # noqa: E402
+from torch_logme._options import logme_options  # noqa: E402
 from torch_logme.evidence import fixed_point  # noqa: E402
 from torch_logme.spectrum import primal  # noqa: E402
 from torch_logme.sums import compute_statistics  # noqa: E402
@@ -78,7 +78,7 @@ def fast_route(f: torch.Tensor, y: torch.Tensor, c: int) -> torch.Tensor:
     """The bare fast route: raw sums, eigh, fixed point; no shift, no bound, no fallback."""
     stats = compute_statistics(f, y, c, True, torch.float64, about_mean=False)
     spec = primal(stats, with_basis=False)
-    result = fixed_point(spec, make_options())
+    result = fixed_point(spec, logme_options())
     return result.evidence.mean()
 
 

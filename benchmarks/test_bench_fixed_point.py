@@ -25,7 +25,7 @@ import torch
 
 from torch_logme import extension_available
 from torch_logme._checks import prepare
-from torch_logme._options import make_options
+from torch_logme._options import logme_options
 from torch_logme.evidence import FixedPointResult, _fixed_point_compiled, _fixed_point_torch
 from torch_logme.functional import solve
 
@@ -39,7 +39,7 @@ def make_inputs(n: int = N, k: int = K, c: int = C, seed: int = 0) -> tuple:
     labels = torch.arange(n) % c
     centres = torch.randn(c, k, generator=g, dtype=torch.float64)
     features = torch.randn(n, k, generator=g, dtype=torch.float64).add_(centres[labels], alpha=0.7)
-    options = make_options()
+    options = logme_options()
     with torch.no_grad():
         spec, _ = solve(prepare(features, labels, regression=False, num_classes=c, device=None), options,
                         with_basis=False)

@@ -17,7 +17,7 @@ import torch
 import torch_logme
 from torch_logme import _extension, evidence, logme
 from torch_logme import spectrum as _spectrum
-from torch_logme._options import make_options
+from torch_logme._options import logme_options
 from torch_logme.sums import compute_statistics
 
 from conftest import DTYPES, make_features
@@ -65,7 +65,7 @@ def as_inputs(lam, proj, target, n, d, device, whitened=None, outside=None) -> d
 
 def run_both(inputs: dict, **options):
     """(compiled, pure torch) results of the same fixed point."""
-    opts = make_options(**options)
+    opts = logme_options(**options)
     args = [inputs[k] for k in ("eigenvalues", "proj_sq", "target_sq", "num_samples", "num_features")]
     extra = (inputs.get("whitened_sq"), inputs.get("outside_sq"))
     return (

@@ -1,12 +1,13 @@
-"""The options shared by every LogME entry point, validated once.
+"""Options, validated once into frozen records, in two kinds.
 
-Estimator, functional API and (later) the streaming accumulator all take the
-same keywords; this module turns them into one frozen record so that the
-stages below never see an unchecked value.
+``ComputeOptions`` (dtype, device) is what every score takes.
+``LogMEOptions`` adds LogME's own solver settings (fixed-point iterations,
+tolerance, method, solver, legacy log-determinant, absent classes) and
+carries a ``ComputeOptions``. The stages below never see an unchecked value.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import torch
@@ -21,14 +22,27 @@ DTYPES = (torch.float32, torch.float64)
 # The published stopping tolerances: relative change of alpha/beta.
 DEFAULT_TOL = {"fixed_point": 1e-3, "icml": 1e-2}
 
+Device = Union[str, torch.device, None]
+
 
 @dataclass(frozen=True)
-class ScoreOptions:
-    """Validated LogME options.
+class ComputeOptions:
+    """Where and in what precision a score is computed.
 
-    dtype: precision of the Gram matrix, the eigendecomposition and the fixed
-        point (float64 by default, whatever the input dtype).
-    device: where to compute; None means where the features are.
+    dtype: precision of the sums and of every later stage (float64 by
+        default, whatever the input dtype).
+    device: where to compute; None means where the inputs are.
+    """
+
+    dtype: torch.dtype = torch.float64
+    device: Optional[torch.device] = None
+
+
+@dataclass(frozen=True)
+class LogMEOptions:
+    """Validated LogME options: the compute options and the solver's settings.
+
+    compute: dtype and device (see ComputeOptions).
     max_iter: at most this many fixed-point updates (published: 11).
     tol: relative change of alpha/beta that stops a column.
     method: "fixed_point" (JMLR 2022, the published default) or "icml" (ICML 2021).
@@ -40,8 +54,7 @@ class ScoreOptions:
         (score only the classes present).
     """
 
-    dtype: torch.dtype = torch.float64
-    device: Optional[torch.device] = None
+    compute: ComputeOptions = field(default_factory=ComputeOptions)
     max_iter: int = 11
     tol: float = 1e-3
     method: str = "fixed_point"
@@ -49,34 +62,52 @@ class ScoreOptions:
     legacy_evidence: bool = False
     absent_classes: str = "count"
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute.dtype
 
-def make_options(
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.compute.device
+
+    def in_dtype(self, dtype: torch.dtype) -> "LogMEOptions":
+        """The same options computing in ``dtype`` (float32 results recomputed in float64)."""
+        return replace(self, compute=replace(self.compute, dtype=dtype))
+
+
+def compute_options(*, dtype: torch.dtype = torch.float64, device: Device = None) -> ComputeOptions:
+    """Check ``dtype`` and ``device``; ValueError naming the option and what it accepts."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must name a torch device, got {device!r}") from err
+    return ComputeOptions(dtype, device)
+
+
+def logme_options(
     *,
     dtype: torch.dtype = torch.float64,
-    device: Union[str, torch.device, None] = None,
+    device: Device = None,
     max_iter: int = 11,
     tol: Optional[float] = None,
     method: str = "fixed_point",
     solver: str = "eigh",
     legacy_evidence: bool = False,
     absent_classes: str = "count",
-) -> ScoreOptions:
-    """Check every option and return them as one ScoreOptions.
+) -> LogMEOptions:
+    """Check every LogME option and return them as one LogMEOptions.
 
     Raises ValueError (or TypeError for a wrong type) naming the option and
     what it accepts. ``tol=None`` picks the method's published tolerance.
     """
     one_of(method, "method", METHODS)
     one_of(solver, "solver", SOLVERS)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    compute = compute_options(dtype=dtype, device=device)
     positive_int(max_iter, "max_iter")
     tol = positive_float(DEFAULT_TOL[method] if tol is None else tol, "tol")
     one_of(absent_classes, "absent_classes", ABSENT_CLASSES)
     boolean(legacy_evidence, "legacy_evidence")
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device must name a torch device, got {device!r}") from err
-    return ScoreOptions(dtype, device, max_iter, tol, method, solver, legacy_evidence, absent_classes)
+    return LogMEOptions(compute, max_iter, tol, method, solver, legacy_evidence, absent_classes)

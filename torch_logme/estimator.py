@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_tensor, prepare
-from ._options import make_options
+from ._options import logme_options
 from ._validators import boolean
 from .functional import reduce_columns, solve
 
@@ -61,7 +61,7 @@ class LogME:
         absent_classes: str = "count",
     ) -> None:
         self.regression = boolean(regression, "regression")
-        self.options = make_options(
+        self.options = logme_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
             solver=solver, legacy_evidence=legacy_evidence, absent_classes=absent_classes,
         )

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from ._options import ScoreOptions
+from ._options import LogMEOptions
 
 if TYPE_CHECKING:
     from .spectrum import Spectrum
@@ -96,7 +96,7 @@ def published_rank(gram: "Tensor | np.ndarray") -> int:
 
 
 def fixed_point(
-    spec: "Spectrum", options: ScoreOptions, published_rank: Optional[int] = None
+    spec: "Spectrum", options: LogMEOptions, published_rank: Optional[int] = None
 ) -> FixedPointResult:
     """Run the published fixed point on every column of a spectrum at once.
 
@@ -139,7 +139,7 @@ def _fixed_point_compiled(
     target_sq: Tensor,
     num_samples: int,
     num_features: int,
-    options: ScoreOptions,
+    options: LogMEOptions,
     whitened_sq: Optional[Tensor],
     outside_sq: Optional[Tensor],
     published_rank: Optional[int] = None,
@@ -162,7 +162,7 @@ def _fixed_point_torch(
     target_sq: Tensor,
     num_samples: int,
     num_features: int,
-    options: ScoreOptions,
+    options: LogMEOptions,
     whitened_sq: Optional[Tensor],
     outside_sq: Optional[Tensor],
     published_rank: Optional[int] = None,

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import spectrum as _spectrum
 from ._checks import Inputs, prepare
-from ._options import ScoreOptions, make_options
+from ._options import LogMEOptions, logme_options
 from ._validators import one_of
 from .evidence import FixedPointResult, fixed_point, published_rank, roundoff_error
 from .sums import SufficientStatistics, compute_statistics
@@ -29,7 +29,7 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 def _legacy_rank(
-    options: ScoreOptions, n: int, d: int, gram: Callable[[], "Tensor | np.ndarray"]
+    options: LogMEOptions, n: int, d: int, gram: Callable[[], "Tensor | np.ndarray"]
 ) -> Optional[int]:
     """The published code's rank cut-off, where ``legacy_evidence`` needs it (fixed point, N > D)."""
     if not options.legacy_evidence or options.method == "icml" or n <= d:
@@ -38,7 +38,7 @@ def _legacy_rank(
 
 
 def _attempt(
-    decompose: Callable[[], _spectrum.Spectrum], options: ScoreOptions, rtol: Optional[float],
+    decompose: Callable[[], _spectrum.Spectrum], options: LogMEOptions, rtol: Optional[float],
     rank: Optional[int] = None,
 ) -> Tuple[Optional[_spectrum.Spectrum], Optional[FixedPointResult], bool]:
     """(spectrum, result, trusted) of one route; a decomposition that fails to converge is untrusted.
@@ -70,7 +70,7 @@ def _finite(
     return spec, result
 
 
-def _in_float64(options: ScoreOptions) -> ScoreOptions:
+def _in_float64(options: LogMEOptions) -> LogMEOptions:
     warnings.warn(
         "float32 cannot resolve these features (offset, badly scaled or ill-conditioned: the round-off "
         "bound of the float32 result is past 1e-4): LogME is recomputed in float64. Pass "
@@ -78,7 +78,7 @@ def _in_float64(options: ScoreOptions) -> ScoreOptions:
         RuntimeWarning,
         stacklevel=4,
     )
-    return replace(options, dtype=torch.float64)
+    return options.in_dtype(torch.float64)
 
 
 def _cast(result: FixedPointResult, dtype: torch.dtype) -> FixedPointResult:
@@ -107,7 +107,7 @@ def check_magnitude(inputs: Inputs, *, batch: bool = False) -> None:
         )
 
 
-def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_spectrum.Spectrum, FixedPointResult]:
+def solve(inputs: Inputs, options: LogMEOptions, *, with_basis: bool) -> Tuple[_spectrum.Spectrum, FixedPointResult]:
     """Run every stage on validated inputs; ``with_basis`` keeps what posterior means need.
 
     The one place that picks the route. The fast one (eigh of F^T F, or of
@@ -159,7 +159,7 @@ def solve(inputs: Inputs, options: ScoreOptions, *, with_basis: bool) -> Tuple[_
     return _finite(spec, result, _magnitude(inputs))
 
 
-def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tensor:
+def solve_statistics(stats: SufficientStatistics, options: LogMEOptions) -> Tensor:
     """[C] evidence from accumulated statistics (the streaming route), as ``solve`` picks it.
 
     Float32 sums cannot be recomputed in float64 (the features are gone):
@@ -184,7 +184,7 @@ def solve_statistics(stats: SufficientStatistics, options: ScoreOptions) -> Tens
         assert wide.noise is not None  # every decomposition in spectrum.py sets it
         return replace(wide, noise=torch.maximum(wide.noise, floor))
 
-    _, result, trusted = _attempt(widened, replace(options, dtype=torch.float64), RTOL[options.dtype], rank)
+    _, result, trusted = _attempt(widened, options.in_dtype(torch.float64), RTOL[options.dtype], rank)
     if not trusted:
         raise ValueError(
             "the float32 sums of this accumulator cannot resolve these features (offset, badly scaled "
@@ -234,7 +234,7 @@ def logme(
         sample. Larger is better; compare models only on the same data.
     """
     one_of(reduction, "reduction", REDUCTIONS)
-    options = make_options(
+    options = logme_options(
         dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
         solver=solver, legacy_evidence=legacy_evidence, absent_classes=absent_classes,
     )
@@ -247,7 +247,7 @@ def logme(
 
 
 def reduce_columns(
-    evidence: Tensor, counts: Tensor, classification: bool, options: ScoreOptions, reduction: str
+    evidence: Tensor, counts: Tensor, classification: bool, options: LogMEOptions, reduction: str
 ) -> Tensor:
     """The score from per-column evidence [C], given the class counts [C] (classification).
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._checks import prepare_labels
-from ._options import make_options
+from ._options import compute_options
 from .registry import DEFAULT_SCORE, SCORES, ScoreSpec, score_names
 
 __all__ = ["rank_models", "Ranking", "RankedModel", "SCORES", "ScoreSpec", "ModelScoreError"]
@@ -165,7 +165,7 @@ def rank_models(
         )
     if not models:
         raise ValueError("features_by_model is empty; give at least one model")
-    make_options(dtype=dtype, device=device)  # a bad option fails here, not as a model's error
+    compute_options(dtype=dtype, device=device)  # a bad option fails here, not as a model's error
     prepare_labels(labels, "labels")  # so do bad labels
     options = {s: dict((score_options or {}).get(s, {})) for s in names}
     unknown = set(score_options or {}) - set(names)
@@ -299,7 +299,7 @@ def rank_files(
     another number of rows than the labels, and inputs a score rejects.
     """
     scores = score_names(scores)
-    make_options(dtype=dtype, device=device)
+    compute_options(dtype=dtype, device=device)
     paths = [Path(p) for p in feature_paths]
     labels_path = Path(labels_path)
     labels = load_labels_file(labels_path)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._checks import prepare, prepare_label_pair, prepare_probabilities
-from ._options import make_options
+from ._options import compute_options
 from ._primitives import (
     add_counts_,
     add_gram_,
@@ -96,7 +96,7 @@ MIN_WINDOW = 256
 
 def _resolve(dtype: torch.dtype, device: Device) -> Tuple[torch.dtype, Optional[torch.device]]:
     """Validate ``dtype`` and ``device`` exactly as ``logme`` does."""
-    options = make_options(dtype=dtype, device=device)
+    options = compute_options(dtype=dtype, device=device)
     return options.dtype, options.device
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._checks import Inputs, as_tensor, prepare
-from ._options import ScoreOptions, make_options
+from ._options import ComputeOptions, LogMEOptions, logme_options
 from ._validators import boolean, one_of, positive_int
 from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
 from .sums import SufficientStatistics
@@ -77,7 +77,8 @@ class SumAccumulator:
     _STATE_DTYPES: Dict[str, torch.dtype] = {}
 
     def __init__(
-        self, sizes: Mapping[str, Optional[int]], options: ScoreOptions, *, sync_on_compute: bool = True
+        self, sizes: Mapping[str, Optional[int]], options: Union[ComputeOptions, LogMEOptions], *,
+        sync_on_compute: bool = True,
     ) -> None:
         self.sync_on_compute = sync_on_compute
         self.options = options
@@ -480,6 +481,7 @@ class LogMEAccumulator(SumAccumulator):
     # N is counted here only: a SufficientStatistics is a view of these states, made per update and
     # compute, whose own count is read from this one. Float64 whatever the sums' dtype: a float32
     # count stops being exact at 2**24 samples.
+    options: LogMEOptions  # the solver settings too, not only dtype and device
     _AXES = {
         "gram": ("num_features", "num_features"), "feature_sum": ("num_features",),
         "cross": ("num_columns", "num_features"), "target_sum": ("num_columns",),
@@ -512,7 +514,7 @@ class LogMEAccumulator(SumAccumulator):
             raise ValueError("num_targets applies to regression only; use num_classes for classification")
         positive_int(num_classes, "num_classes", optional=True)
         positive_int(num_targets, "num_targets", optional=True)
-        options = make_options(
+        options = logme_options(
             dtype=dtype, device=device, max_iter=max_iter, tol=tol, method=method,
             legacy_evidence=legacy_evidence, absent_classes=absent_classes,
         )

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ._checks import as_tensor, prepare, prepare_label_pair
 from ._checks import source_labels as source_labels_of
-from ._options import make_options
+from ._options import compute_options
 from ._primitives import add_counts_, add_rows_, gram_full
 from ._validators import boolean, positive_float, positive_int
 from .scores import (
@@ -82,7 +82,7 @@ class _NamedSums(SumAccumulator):
         sync_on_compute: bool,
         check_inputs: bool,
     ) -> None:
-        options = make_options(dtype=dtype, device=device)
+        options = compute_options(dtype=dtype, device=device)
         self.check_inputs = boolean(check_inputs, "check_inputs")
         super().__init__(sizes, options, sync_on_compute=sync_on_compute)
 
