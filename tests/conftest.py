@@ -66,16 +66,28 @@ def run_and_exit(body: Callable[[], None]) -> None:
     os._exit(0)
 
 
-def spawn_ranks(worker: Callable, args: tuple, world_size: int = 2, timeout: float = 300.0) -> None:
-    """Run ``worker(rank, *args)`` in ``world_size`` processes; fail, never hang.
+def _gloo_rank(rank: int, world_size: int, port: int, body: Callable, args: tuple) -> None:
+    """One spawned rank: join a gloo group on loopback, run ``body(rank, *args)``, exit at once."""
+    import torch.distributed as dist
 
-    A rank that raises fails the test with its traceback; ranks still running
-    after ``timeout`` seconds are killed and the test fails, so that a
-    collective that never completes cannot stall the whole suite.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # body's module imports conftest
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    run_and_exit(lambda: body(rank, *args))  # no teardown: see run_and_exit
+
+
+def run_ranks(body: Callable, args: tuple = (), world_size: int = 2, timeout: float = 300.0) -> None:
+    """Run ``body(rank, *args)`` on every rank of a gloo group of ``world_size`` processes; fail, never hang.
+
+    ``body`` is a module-level function (spawned processes import it by
+    name) that saves what the test checks. A rank that raises fails the
+    test with its traceback; ranks still running after ``timeout`` seconds
+    are killed and the test fails, so that a collective that never
+    completes cannot stall the whole suite.
     """
     import torch.multiprocessing as mp
 
-    context = mp.spawn(worker, args=args, nprocs=world_size, join=False)
+    context = mp.spawn(_gloo_rank, args=(world_size, free_port(), body, args), nprocs=world_size, join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

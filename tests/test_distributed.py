@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torch.distributed as dist
 
 from torch_logme import LogMEAccumulator, logme
 
-from conftest import free_port, run_and_exit, spawn_ranks
+from conftest import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -24,13 +22,6 @@ def _data():
     y = torch.randint(0, 5, (240,), generator=gen)
     f[:, :2] += y.unsqueeze(1).double()
     return f, y
-
-
-def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    run_and_exit(lambda: _scenario(rank, out_dir, scenario))  # no teardown: see run_and_exit
 
 
 def _scenario(rank: int, out_dir: str, scenario: str) -> None:
@@ -61,7 +52,7 @@ def _scenario(rank: int, out_dir: str, scenario: str) -> None:
 
 
 def _run(tmp_path, scenario):
-    spawn_ranks(_worker, (free_port(), str(tmp_path), scenario), WORLD)
+    run_ranks(_scenario, (str(tmp_path), scenario), WORLD)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 

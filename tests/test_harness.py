@@ -15,7 +15,7 @@ import torch
 from torch_logme import SCORES, accumulator
 from torch_logme.registry import get_score, score_names
 
-from conftest import DTYPES, batches, free_port, run_and_exit, spawn_ranks
+from conftest import DTYPES, batches, run_ranks
 from score_table import TABLE
 
 RTOL = 1e-9
@@ -146,14 +146,6 @@ def test_inputs_never_modified(name, device):
 # -- two CPU processes (gloo): every streaming score, each rank half of the batches ------------
 
 
-def _rank_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    run_and_exit(lambda: _rank_scores(rank, out_dir))  # no teardown: see run_and_exit
-
-
 def _rank_scores(rank: int, out_dir: str) -> None:
     result = {}
     for name in STREAMING:
@@ -168,7 +160,7 @@ def _rank_scores(rank: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_two_ranks_equal_functional(tmp_path):
-    spawn_ranks(_rank_worker, (free_port(), str(tmp_path)))
+    run_ranks(_rank_scores, (str(tmp_path),))
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for name in STREAMING:

@@ -19,7 +19,7 @@ import torch
 
 from torch_logme import SCORES, logme
 
-from conftest import batches, free_port, run_and_exit, spawn_ranks
+from conftest import batches, run_ranks
 from score_table import TABLE
 
 torchmetrics = pytest.importorskip("torchmetrics")
@@ -342,14 +342,6 @@ def test_logme_metric_is_the_logme_case_with_its_signature():
 # -- two processes: torchmetrics' own sync (gloo) ---------------------------------------------------------
 
 
-def _rank_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    run_and_exit(lambda: _rank_scores(rank, out_dir))  # no teardown: see run_and_exit
-
-
 def _rank_scores(rank: int, out_dir: str) -> None:
     result = {}
     for name in STREAMING:
@@ -370,7 +362,7 @@ def _rank_scores(rank: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_two_ranks_sync_through_torchmetrics(tmp_path):
-    spawn_ranks(_rank_worker, (free_port(), str(tmp_path)))
+    run_ranks(_rank_scores, (str(tmp_path),))
     got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     rescaled = set()
     for name in STREAMING:

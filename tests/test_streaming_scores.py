@@ -21,7 +21,7 @@ from torch_logme import (
     transrate,
 )
 
-from conftest import batches, free_port, make_features, run_and_exit, spawn_ranks
+from conftest import batches, make_features, run_ranks
 
 RTOL = 1e-10
 
@@ -215,18 +215,6 @@ def _rank_data(scenario: str):
     return f, y, (y * 3 + np.arange(240)) % 7
 
 
-def _worker(rank: int, port: int, out_dir: str, scenario: str) -> None:
-    import sys
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    run_and_exit(lambda: _rank_scores(rank, out_dir, scenario))  # no teardown: see run_and_exit
-
-
 def _rank_scores(rank: int, out_dir: str, scenario: str) -> None:
     """Score this rank's batches with every accumulator and save the results."""
     f, y, src = _rank_data(scenario)
@@ -252,7 +240,7 @@ def test_two_ranks_equal_one_process(tmp_path, scenario):
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built")
-    spawn_ranks(_worker, (free_port(), str(tmp_path), scenario))
+    run_ranks(_rank_scores, (str(tmp_path), scenario))
     f, y, src = _rank_data(scenario)
     seen = np.concatenate([y[r] if i % 2 == 0 else np.minimum(y[r], 3) for i, r in enumerate(batches(240, [20]))])
     expected = {name: fn(f, seen) for name, (_, fn) in ACCUMULATORS.items()}
