@@ -60,7 +60,7 @@ def test_unknown_and_non_streaming_names():
         get_score("logmee")
     with pytest.raises(ValueError, match="unknown score"):
         accumulator("logmee", 4)
-    with pytest.raises(ValueError, match="leep does not stream"):
+    with pytest.raises(ValueError, match="'leep' does not stream"):
         accumulator("leep")
     with pytest.raises(ValueError, match="needs num_features"):
         accumulator("gbc")

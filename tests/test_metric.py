@@ -290,7 +290,7 @@ def test_bad_scores_and_missing_sizes_raise_clear_errors():
     non_streaming = [name for name, spec in SCORES.items() if not spec.streams]
     assert non_streaming  # LEEP
     for name in non_streaming:
-        with pytest.raises(ValueError, match=f"{name} does not stream.*choose from"):
+        with pytest.raises(ValueError, match=f"'{name}' does not stream.*choose from"):
             TransferabilityMetric(name, D, C)
     for name in STREAMING:
         with pytest.raises(ValueError, match="needs num_classes: torchmetrics states have fixed shapes"):

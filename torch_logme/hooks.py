@@ -37,7 +37,6 @@ from typing import (
     Sequence,
     Tuple,
     Union,
-    cast,
 )
 
 import torch
@@ -106,25 +105,8 @@ def streaming_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
         )
     names = registry.score_names(scores)
     for name in names:
-        spec = registry.get_score(name)
-        if not spec.streams:
-            streaming = ", ".join(n for n, other in registry.SCORES.items() if other.streams)
-            raise ValueError(
-                f"score {name!r} does not stream (it needs every sample's predictions at once), so hooks cannot "
-                f"feed it batch by batch; choose from {streaming}, or score stored predictions with "
-                f"torch_logme.{spec.fn.__name__}"
-            )
+        registry.streaming_spec(name)  # hooks see one batch at a time
     return names
-
-
-def _accepted(cls: type) -> Optional[FrozenSet[str]]:
-    """The keywords an accumulator class takes after its first argument (None: any, it has **kwargs)."""
-    params = list(inspect.signature(cls).parameters.values())
-    if params and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        params = params[1:]  # where registry.accumulator puts num_features
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
 
 
 def _spelled(key: str, accepted: Optional[FrozenSet[str]]) -> Optional[str]:
@@ -156,7 +138,9 @@ def _score_options(
     if unknown:
         raise ValueError(f"score_options for scores not requested: {unknown}; requested: {list(names)}")
     # Every name streams (streaming_scores checked): each has an accumulator class.
-    accepted = {name: _accepted(cast(type, registry.get_score(name).accumulator_cls)) for name in names}
+    accepted: Dict[str, Optional[FrozenSet[str]]] = {
+        name: frozenset(registry.accumulator_keywords(registry.get_score(name))) for name in names
+    }
     for key in options:
         refusing = [name for name in names if _spelled(key, accepted[name]) is None]
         if not refusing:

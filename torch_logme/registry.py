@@ -34,7 +34,10 @@ from .streaming_scores import (
     TransRateAccumulator,
 )
 
-__all__ = ["SCORES", "ScoreSpec", "INPUTS", "DEFAULT_SCORE", "accumulator", "get_score", "score_names"]
+__all__ = [
+    "SCORES", "ScoreSpec", "INPUTS", "DEFAULT_SCORE", "accumulator", "accumulator_keywords", "get_score",
+    "score_names", "streaming_spec",
+]
 
 #: What a score reads: a model's features [N, D], or its source-class
 #: probabilities [N, Cs] (LEEP; NCE takes their argmax as hard source labels).
@@ -117,6 +120,32 @@ def score_names(scores: Any) -> Tuple[str, ...]:
     return names
 
 
+def streaming_spec(name: Any) -> ScoreSpec:
+    """The spec of a registered score that streams; ValueError naming the ones that do otherwise."""
+    spec = get_score(name)
+    if spec.accumulator_cls is None:
+        streaming = ", ".join(n for n, other in SCORES.items() if other.streams)
+        raise ValueError(
+            f"score {name!r} does not stream (it needs every sample's predictions at once), so it has no "
+            f"accumulator; choose from {streaming}, or score stored predictions with torch_logme.{spec.fn.__name__}"
+        )
+    return spec
+
+
+def accumulator_keywords(spec: ScoreSpec, *, keyword_only: bool = False) -> Tuple[str, ...]:
+    """The keywords a streaming score's accumulator takes after its first argument (the width).
+
+    ``keyword_only=True``: only its settings (dtype, check_inputs, the
+    score's own options), not the sizes it also takes positionally.
+    """
+    if spec.accumulator_cls is None:
+        return ()
+    params = list(inspect.signature(spec.accumulator_cls).parameters.values())[1:]
+    kinds = (inspect.Parameter.KEYWORD_ONLY,) if keyword_only else (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
 def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -> Any:
     """The streaming accumulator of the score ``name``.
 
@@ -133,12 +162,8 @@ def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -
     load_state_dict / sync``. Raises ValueError for an unknown score, a
     score that does not stream, or a missing ``num_features``.
     """
-    spec = get_score(name)
-    if spec.accumulator_cls is None:
-        raise ValueError(
-            f"{name} does not stream: it needs every sample's source probabilities at once; "
-            f"score stored predictions with torch_logme.{spec.fn.__name__} instead"
-        )
+    spec = streaming_spec(name)
+    assert spec.accumulator_cls is not None  # streaming_spec checked it
     if "num_classes" in options and "num_target_classes" in inspect.signature(spec.accumulator_cls).parameters:
         # The target task's classes are num_classes for every score; an accumulator that
         # also counts source classes calls them num_target_classes.

@@ -29,7 +29,6 @@ number of source classes) must be given up front.
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,19 +43,13 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from ..functional import REDUCTIONS
-from ..registry import SCORES, get_score
+from ..registry import accumulator_keywords, streaming_spec
 from ..streaming import SumAccumulator
 
 __all__ = ["TransferabilityMetric", "LogMEMetric"]
 
 #: Accumulator keywords the metric sets itself: states move with ``.to()``, and torchmetrics syncs.
 _METRIC_OWNED = ("device", "sync_on_compute")
-
-
-def _score_options(cls: type) -> Tuple[str, ...]:
-    """The keyword-only options of an accumulator class (its score's settings, dtype, check_inputs)."""
-    parameters = inspect.signature(cls).parameters.values()
-    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in _METRIC_OWNED)
 
 
 def _device_only(fn: Callable[[Tensor], Tensor], value: Tensor) -> Tensor:
@@ -119,16 +112,14 @@ class TransferabilityMetric(Metric):
         check_inputs: bool = True,
         **kwargs: Any,
     ) -> None:
-        spec = get_score(score)
         name = f"{type(self).__name__}(score={score!r})"
+        try:
+            spec = streaming_spec(score)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
         cls = spec.accumulator_cls
-        if cls is None:  # not spec.streams
-            streaming = ", ".join(n for n, s in SCORES.items() if s.streams)
-            raise ValueError(
-                f"{name}: {score} does not stream (it needs every sample at once), so it has no metric; "
-                f"choose from {streaming}, or score stored predictions with torch_logme.{spec.fn.__name__}"
-            )
-        own = _score_options(cls)
+        assert cls is not None  # streaming_spec checked it
+        own = tuple(k for k in accumulator_keywords(spec, keyword_only=True) if k not in _METRIC_OWNED)
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
         try:
             super().__init__(**kwargs)
