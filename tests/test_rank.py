@@ -228,3 +228,113 @@ def test_readme_examples_run(code, capsys):
     if "Accumulator" in code:
         first, second = out.splitlines()[-2:]
         assert first == second == "[-7.117081, 2.641785]"
+
+
+# -- reliability under faults: rank_models errors, files by identity, lazy .npz, devices --------
+
+
+def test_rank_models_wraps_linalg_errors(monkeypatch):
+    from types import MappingProxyType
+
+    from torch_logme import ranking, registry
+
+    def failing(x, y, **kw):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    fake = ranking.ScoreSpec(failing, "features", True, "test", name="fails")
+    with_fake = MappingProxyType({**registry.SCORES, "fails": fake})
+    monkeypatch.setattr(registry, "SCORES", with_fake)
+    monkeypatch.setattr(ranking, "SCORES", with_fake)
+    with pytest.raises(ModelScoreError, match="model 'bad', score 'fails': linalg.eigh") as info:
+        rank_models({"bad": F}, Y, scores="fails")
+    assert info.value.model == "bad" and info.value.score == "fails"
+    assert isinstance(info.value.__cause__, torch.linalg.LinAlgError)
+
+
+def test_cli_labels_beside_the_features_are_not_a_model(files, capsys):
+    # `rank *.npy --labels labels.npy`, as the README shows it: the glob matches the labels too.
+    paths = sorted(str(p) for p in files.glob("*.npy"))
+    assert str(files / "labels.npy") in paths
+    assert main(["rank", *paths, "--labels", str(files / "labels.npy"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(r["model"] for r in out["ranking"]) == ["good", "noise"]
+    # The same file by another path is still the labels file.
+    assert main(["rank", str(files / "good.npy"), str(files / "." / ".." / files.name / "labels.npy"),
+                 "--labels", str(files / "labels.npy")]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[3:]] == ["good"]
+    assert main(["rank", str(files / "labels.npy"), "--labels", str(files / "labels.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "no features files" in err and "labels.npy" in err
+
+
+def test_cli_compares_files_by_identity_not_stem(files, capsys, monkeypatch):
+    torch.save(torch.from_numpy(NOISE), files / "good.pt")  # another file, the same stem as good.npy
+    assert main(["rank", str(files / "good.npy"), str(files / "good.pt"), "--labels", str(files / "labels.npy"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["file"]) for r in out["ranking"]] == [
+        ("good.npy", str(files / "good.npy")), ("good.pt", str(files / "good.pt"))]
+    # One file under two names is one model given twice, whatever the names.
+    monkeypatch.chdir(files)
+    assert main(["rank", "good.npy", str(files / "good.npy"), "--labels", "labels.npy"]) == 1
+    err = capsys.readouterr().err
+    assert "the same file is given twice" in err and "Traceback" not in err
+    (files / "link.npy").symlink_to(files / "noise.npy")
+    assert main(["rank", "noise.npy", "link.npy", "--labels", "labels.npy"]) == 1
+    assert "the same file is given twice: noise.npy and link.npy" in capsys.readouterr().err
+
+
+def test_model_names_keep_the_suffix_only_when_stems_clash():
+    from pathlib import Path
+
+    assert model_names([Path("d/same.npy"), Path("d/same.pt"), Path("d/other.npy")]) == [
+        "same.npy", "same.pt", "other"]
+    assert model_names([Path("a/x.npy"), Path("b/x.npy"), Path("b/x.pt")]) == ["x", "x.npy", "x.pt"]
+    with pytest.raises(ValueError, match="the same file is given twice: a/x$"):
+        model_names([Path("a/x.npy"), Path("a/x.npy")])
+
+
+def _npz_with_a_broken_member(path, **arrays):
+    """An .npz of ``arrays`` plus a member 'unused': the header of a 1.6 GB array, without its data."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, value in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (200_000_000,)})
+        archive.writestr("unused.npy", header.getvalue() + b"\0" * 64)  # truncated: reading it fails
+
+
+def test_npz_reads_only_the_arrays_it_uses(files, capsys, monkeypatch):
+    # An unused array is never read: a broken one does no harm, a huge one costs no memory.
+    _npz_with_a_broken_member(files / "model.npz", features=F, probs=_probs(4.0, 3))
+    _npz_with_a_broken_member(files / "targets.npz", labels=Y)
+    read = []
+    real_getitem = np.lib.npyio.NpzFile.__getitem__
+
+    def spy(self, key):
+        read.append(key)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", spy)
+    assert main(["rank", str(files / "model.npz"), "--labels", str(files / "targets.npz"), "--score", "logme"]) == 0
+    assert "model" in capsys.readouterr().out
+    assert "unused" not in read and sorted(set(read)) == ["features", "labels", "probs"]
+    # The member itself still fails, on one line that names the file and the array, when it is used.
+    _npz_with_a_broken_member(files / "only.npz")
+    assert main(["rank", str(files / "only.npz"), "--labels", str(files / "labels.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "only.npz: cannot read its array 'unused'" in err and "Traceback" not in err
+
+
+def test_cli_unusable_device_is_one_line(files, capsys):
+    # cuda:99 exists nowhere: a CPU-only torch and a GPU torch both refuse it.
+    status = main(["rank", str(files / "good.npy"), "--labels", str(files / "labels.npy"), "--device", "cuda:99"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("torch-logme rank: error: device 'cuda:99' cannot be used")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -76,7 +76,8 @@ def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
         help="rank models by transferability scores of their features (.npy, .npz or .pt files)",
         description=(
             "Score the features of several models on one set of labels and print the models "
-            "best first (ranked by the first --score). Each model is named after its file's stem. "
+            "best first (ranked by the first --score). Each model is named after its file's stem "
+            "(with its suffix when two files differ only in that); the labels file is never a model. "
             "A file holds one array, features [N, D]; leep and nce read source-class "
             "probabilities [N, Cs] instead (nce uses their argmax). An .npz or .pt file may hold "
             "both, as arrays named 'features' and 'probs'. The labels file holds class ids [N] "

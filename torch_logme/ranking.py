@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -180,7 +181,9 @@ def rank_models(
             value = _score_input(name, model, s)
             try:
                 row[s] = float(spec.fn(value, labels, dtype=dtype, device=device, **options[s]))
-            except (ValueError, TypeError) as err:
+            except (ValueError, TypeError, torch.linalg.LinAlgError) as err:
+                # LinAlgError (a RuntimeError) is the model's input too, e.g. features a
+                # factorization cannot take: report it as the model's, like a ValueError.
                 raise ModelScoreError(name, s, str(err)) from err
         table.append(row)
 
@@ -206,8 +209,40 @@ class InputFileError(ValueError):
     """A file given to the ``rank`` command cannot be used; the message names it."""
 
 
-def _read(path: Path) -> Union[np.ndarray, Tensor, Dict[str, Any]]:
-    """The array, or the dict of arrays, stored in a .npy, .npz or .pt file."""
+class _NpzArrays(Mapping[str, np.ndarray]):
+    """The arrays of an .npz file by name, each read from the file only when it is asked for.
+
+    An .npz may hold large arrays the command never uses; reading them all
+    would cost their full size in memory, so only the names are read here.
+    """
+
+    def __init__(self, path: Path, names: Sequence[str]) -> None:
+        self.path = path
+        self.names = list(names)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.names:
+            raise KeyError(key)
+        try:
+            with np.load(self.path, allow_pickle=False) as archive:
+                return archive[key]
+        except Exception as err:  # a corrupt member fails only when it is read
+            raise InputFileError(
+                f"{self.path}: cannot read its array {key!r} ({type(err).__name__}: {err})"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _read(path: Path) -> Union[np.ndarray, Tensor, Mapping[str, Any]]:
+    """The array, or the mapping of arrays, stored in a .npy, .npz or .pt file.
+
+    The arrays of an .npz file are read lazily, one when it is used.
+    """
     suffix = path.suffix.lower()
     if suffix not in FILE_TYPES:
         raise InputFileError(f"{path}: unknown file type {suffix or '(none)'!r}; expected .npy, .npz or .pt")
@@ -218,7 +253,7 @@ def _read(path: Path) -> Union[np.ndarray, Tensor, Dict[str, Any]]:
             return np.load(path, allow_pickle=False)
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                return {key: archive[key] for key in archive.files}
+                return _NpzArrays(path, archive.files)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # numpy, zipfile and pickle raise many types for a corrupt file
         raise InputFileError(f"{path}: cannot read it as a {suffix} file ({type(err).__name__}: {err})") from None
@@ -231,12 +266,12 @@ def _read(path: Path) -> Union[np.ndarray, Tensor, Dict[str, Any]]:
 
 def _pick(path: Path, content: Any, keys: Sequence[str], what: str) -> Any:
     """The one array in ``content``, or the first of ``keys`` when it holds several."""
-    if not isinstance(content, dict):
+    if not isinstance(content, Mapping):
         return content
     if not content:
         raise InputFileError(f"{path}: holds no arrays")
     if len(content) == 1:
-        return next(iter(content.values()))
+        return content[next(iter(content))]
     for key in keys:
         if key in content:
             return content[key]
@@ -249,7 +284,7 @@ def load_model_file(path: Union[str, Path]) -> Any:
     """A model's input from a file: one array, or {"features", "probs"} from a multi-array file."""
     path = Path(path)
     content = _read(path)
-    if isinstance(content, dict) and len(content) > 1:
+    if isinstance(content, Mapping) and len(content) > 1:
         picked = {k: content[k] for k in ("features", "probs") if k in content}
         if not picked:
             raise InputFileError(
@@ -266,8 +301,20 @@ def load_labels_file(path: Union[str, Path]) -> Any:
 
 
 def model_names(paths: Sequence[Path]) -> List[str]:
-    """File stems, lengthened with parent folders until they are unique."""
+    """Names for the models in ``paths``: file stems, lengthened with parent folders until unique.
+
+    Distinct files that differ only in their suffix (``same.npy``, ``same.pt``)
+    keep it in their names (``same.npy``, ``same.pt``), so that no two models
+    share a name.
+
+    Raises:
+        InputFileError: a path is given twice.
+    """
     parts = [p.with_suffix("").parts for p in paths]
+    # Stems alone cannot tell these apart at any depth: they need their suffix.
+    clashing = {i for i, p in enumerate(paths) for j, q in enumerate(paths)
+                if i != j and parts[i] == parts[j] and p.parts != q.parts}
+    parts = [paths[i].parts if i in clashing else ps for i, ps in enumerate(parts)]
     depth = 1
     while True:
         names = ["/".join(ps[-depth:]) for ps in parts]
@@ -280,9 +327,57 @@ def model_names(paths: Sequence[Path]) -> List[str]:
     return names
 
 
+def _identity(path: Path) -> Tuple[Any, ...]:
+    """What makes two paths the same file: its device and inode, or its real path if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a missing file is reported when it is read; compare its path meanwhile
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _feature_paths(paths: Sequence[Path], labels_path: Path) -> List[Path]:
+    """``paths`` without the labels file; InputFileError if one file is given twice.
+
+    Files are compared by identity, not by name: ``good.npy`` and
+    ``$PWD/good.npy`` are one file, ``same.npy`` and ``same.pt`` two.
+    The labels file is dropped so that ``rank *.npy --labels labels.npy``
+    works with the labels beside the features.
+    """
+    labels_id = _identity(labels_path)
+    seen: Dict[Tuple[Any, ...], Path] = {}
+    kept: List[Path] = []
+    for path in paths:
+        key = _identity(path)
+        if key == labels_id:
+            continue
+        if key in seen:
+            raise InputFileError(f"the same file is given twice: {seen[key]} and {path}")
+        seen[key] = path
+        kept.append(path)
+    if not kept:
+        raise InputFileError(f"no features files: the only file given is the labels file {labels_path}")
+    return kept
+
+
 def _rows(x: Any) -> Optional[int]:
     shape = getattr(x, "shape", None)
     return int(shape[0]) if shape is not None and len(shape) >= 1 else None
+
+
+def _check_device(device: Union[str, torch.device, None]) -> None:
+    """ValueError if no tensor can be made on ``device``.
+
+    ``torch.device("cuda")`` is valid on a CPU-only build; only using it fails,
+    with an AssertionError or RuntimeError from deep inside torch. Trying once
+    here turns that into one error that names the device.
+    """
+    if device is None:
+        return
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as err:
+        raise ValueError(f"device {str(device)!r} cannot be used: {err}") from None
 
 
 def rank_files(
@@ -295,11 +390,18 @@ def rank_files(
 ) -> Tuple[Ranking, Dict[str, str]]:
     """Read the files and rank the models; returns (ranking, model name -> file).
 
-    Raises InputFileError naming the file for unreadable files, files with
-    another number of rows than the labels, and inputs a score rejects.
+    The labels file is not a model: it is left out of ``feature_paths``
+    (so ``*.npy`` may match it). Files are told apart by identity, not name.
+
+    Raises:
+        InputFileError: naming the file, for unreadable files, one file given
+            twice, files with another number of rows than the labels, and
+            inputs a score rejects.
+        ValueError: a bad score name, dtype, or a device this torch cannot use.
     """
     scores = score_names(scores)
     compute_options(dtype=dtype, device=device)
+    _check_device(device)
     paths = [Path(p) for p in feature_paths]
     labels_path = Path(labels_path)
     labels = load_labels_file(labels_path)
@@ -308,11 +410,12 @@ def rank_files(
     except (ValueError, TypeError) as err:
         raise InputFileError(f"{labels_path} (labels): {err}") from None
     n = _rows(labels)
+    paths = _feature_paths(paths, labels_path)
     names = model_names(paths)
     models: Dict[str, Any] = {}
     for name, path in zip(names, paths):
         model = load_model_file(path)
-        for part in (model.values() if isinstance(model, dict) else [model]):
+        for part in (model.values() if isinstance(model, Mapping) else [model]):
             rows = _rows(part)
             if rows != n:
                 got = "a scalar" if rows is None else f"{rows} rows"
