@@ -192,3 +192,63 @@ def test_bad_scores_raise_before_any_epoch(tmp_path):
         CheckpointSelector(model, "0", [], tmp_path, score="gbc", method="icml")
     assert all(not m._forward_hooks for m in model.modules())
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+# -- reliability under faults: file names, a NaN best, permissions --------------------
+
+
+@pytest.mark.parametrize("filename", ["../x.pt", "sub/best.pt", "", ".", "..", "/tmp/abs.pt", "best.pt/"])
+def test_filename_must_be_a_plain_name_checked_at_construction(tmp_path, filename):
+    model = make_model()
+    with pytest.raises(ValueError, match="filename must be a plain file name"):
+        CheckpointSelector(model, "0", [], tmp_path / "ckpt", filename=filename, num_classes=3)
+    assert not (tmp_path / "ckpt").exists()  # refused before anything is made
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_plain_filename_is_used(tmp_path):
+    x, y = task()
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, filename="epoch-best.ckpt", num_classes=3)
+    train_epoch(model, 1)
+    selector.step()
+    assert selector.path == tmp_path / "epoch-best.ckpt" and os.listdir(tmp_path) == ["epoch-best.ckpt"]
+
+
+def test_a_nan_best_in_a_loaded_state_is_no_best(tmp_path):
+    x, y = task()
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, num_classes=3)
+    selector.load_state_dict({"history": [(0, float("nan"))], "best_epoch": 0, "best_score": float("nan"),
+                              "score": "logme"})
+    assert selector.best_epoch is None and selector.best_score is None
+    assert selector.history[0][0] == 0
+    train_epoch(model, 1)
+    value = selector.step()
+    assert selector.best_epoch == 1 and selector.best_score == value  # saved, not silently skipped
+    assert (tmp_path / "best.pt").is_file()
+    # The same when best_score is set to NaN by hand.
+    selector.best_score = float("nan")
+    train_epoch(model, 0)
+    assert selector.step() < value and selector.best_epoch == 2
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_the_checkpoint_has_the_mode_torch_save_gives(tmp_path, umask):
+    state = {"w": torch.ones(2)}
+    old = os.umask(umask)
+    try:
+        torch.save(state, tmp_path / "plain.pt")
+        atomic_save(state, tmp_path / "atomic.pt")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert os.stat(tmp_path / "plain.pt").st_mode & 0o777 == expected
+    assert os.stat(tmp_path / "atomic.pt").st_mode & 0o777 == expected
+    # Over an existing file, torch.save keeps its mode: so does the atomic replace.
+    os.chmod(tmp_path / "atomic.pt", 0o640)
+    atomic_save({"w": torch.zeros(2)}, tmp_path / "atomic.pt")
+    assert os.stat(tmp_path / "atomic.pt").st_mode & 0o777 == 0o640
+    assert torch.equal(torch.load(tmp_path / "atomic.pt")["w"], torch.zeros(2))
+    assert sorted(os.listdir(tmp_path)) == ["atomic.pt", "plain.pt"]

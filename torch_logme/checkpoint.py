@@ -6,7 +6,8 @@ the model over the target task's loader with a forward hook on ``layer``
 (in the score's direction, ``SCORES[score].larger_is_better``) it writes
 ``model.state_dict()`` to ``directory/best.pt``. The file is replaced
 atomically (temporary file in the same directory, fsync, ``os.replace``), so
-a crash mid-write leaves the previous best intact.
+a crash mid-write leaves the previous best intact; it gets the permissions
+``torch.save`` would give it (the umask's, or those of the file it replaces).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import contextlib
 import itertools
 import math
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -42,12 +44,38 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _create_beside(path: Path) -> Tuple[int, Path]:
+    """Create a new, empty temporary file in ``path``'s directory; return its descriptor and path.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600), the file is created with
+    mode 0666 less the umask, as ``open(path, "wb")`` inside ``torch.save``
+    would create it, so the checkpoint is as readable as a torch.save'd one.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # O_EXCL: never reuse a name, not even a symlink's
+            continue
+    raise FileExistsError(f"no free temporary file name beside {path}")
+
+
 def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` such that ``path`` holds either the old or the new file, never a torn one."""
+    """``torch.save(obj, path)`` such that ``path`` holds either the old or the new file, never a torn one.
+
+    The new file gets the permissions ``torch.save`` would give it: those of
+    the file it replaces, or 0666 less the umask for a new one.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
+            try:
+                # torch.save over an existing file keeps that file's mode: so does the rename.
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            except FileNotFoundError:
+                pass
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
@@ -57,6 +85,25 @@ def atomic_save(obj: Any, path: PathLike) -> None:
             os.unlink(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def _check_filename(filename: Any) -> str:
+    """``filename`` if it is a plain file name; ValueError (TypeError for a non-path) otherwise.
+
+    Checked when the selector is made, not at the first save after an epoch
+    of scoring, and so that the checkpoint can only go into ``directory``.
+    """
+    if not isinstance(filename, (str, os.PathLike)):
+        raise TypeError(f"filename must be a file name (str), got {type(filename).__name__}")
+    name = os.fspath(filename)
+    if not isinstance(name, str):
+        raise TypeError(f"filename must be a file name (str), got {type(name).__name__}")
+    separators = [sep for sep in ("/", os.sep, os.altsep) if sep]
+    if name in ("", ".", "..") or any(sep in name for sep in separators) or Path(name).name != name:
+        raise ValueError(
+            f"filename must be a plain file name such as 'best.pt', written inside directory, got {name!r}"
+        )
+    return name
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -86,7 +133,9 @@ class CheckpointSelector:
         score: the name of a streaming score of :data:`torch_logme.SCORES`
             (default ``"logme"``); the best epoch is its largest value, or
             its smallest for a score whose ``larger_is_better`` is False.
-        filename: name of the checkpoint file (default ``best.pt``).
+        filename: name of the checkpoint file in ``directory`` (default
+            ``best.pt``): a plain name, without a folder; anything else is a
+            ValueError here.
         device: where to move ``inputs``; default: the device of the model's
             first parameter. The labels are moved to the features' device.
         on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
@@ -96,7 +145,8 @@ class CheckpointSelector:
     ``best_epoch`` / ``best_score`` name the epoch in ``path``. A tie keeps
     the earlier epoch; an epoch that scores NaN is never the best.
     ``score_name`` and ``spec`` (its :class:`~torch_logme.ScoreSpec`) name
-    the score.
+    the score. A NaN ``best_score`` (only a hand-made or corrupt state holds
+    one) counts as no best yet: the next epoch that scores a number is saved.
     """
 
     def __init__(
@@ -113,6 +163,7 @@ class CheckpointSelector:
         transform: Optional[Callable[[Any], Tensor]] = None,
         **options: Any,
     ) -> None:
+        filename = _check_filename(filename)
         if not isinstance(layer, (str, nn.Module)):
             raise TypeError(f"layer must be one module or dotted name, got {type(layer).__name__}")
         if not isinstance(score, str) or "scores" in options:
@@ -154,7 +205,9 @@ class CheckpointSelector:
             epoch = self.history[-1][0] + 1 if self.history else 0
         value = self.score()
         self.history.append((epoch, value))
-        if not math.isnan(value) and (self.best_score is None or self._better(value, self.best_score)):
+        best = self.best_score
+        # A NaN best is no best: nothing beats NaN, so keeping it would never save again.
+        if not math.isnan(value) and (best is None or math.isnan(best) or self._better(value, best)):
             atomic_save(self.model.state_dict(), self.path)
             self.best_epoch, self.best_score = epoch, value
         return value
@@ -169,7 +222,12 @@ class CheckpointSelector:
                 "score": self.score_name}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (a state without a score's name is taken as this score's)."""
+        """Restore what :meth:`state_dict` returned (a state without a score's name is taken as this score's).
+
+        A NaN best score is loaded as no best (``best_epoch`` and
+        ``best_score`` None): the next epoch that scores a number replaces
+        the checkpoint, instead of none ever beating NaN.
+        """
         saved = state.get("score", self.score_name)
         if saved != self.score_name:
             raise ValueError(
@@ -177,4 +235,7 @@ class CheckpointSelector:
                 "its best score is not comparable"
             )
         self.history = [(int(e), float(s)) for e, s in state["history"]]
-        self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]
+        best_epoch, best_score = state["best_epoch"], state["best_score"]
+        if best_score is not None and math.isnan(float(best_score)):
+            best_epoch, best_score = None, None
+        self.best_epoch, self.best_score = best_epoch, best_score
