@@ -231,6 +231,10 @@ class _NpzArrays(Mapping[str, np.ndarray]):
                 f"{self.path}: cannot read its array {key!r} ({type(err).__name__}: {err})"
             ) from None
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default would read the array (self[key]) just to answer.
+        return key in self.names
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
