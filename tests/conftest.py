@@ -1,12 +1,13 @@
 """Shared test settings: the one list of devices and dtypes every test uses."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -66,28 +67,41 @@ def run_and_exit(body: Callable[[], None]) -> None:
     os._exit(0)
 
 
-def _gloo_rank(rank: int, world_size: int, port: int, body: Callable, args: tuple) -> None:
-    """One spawned rank: join a gloo group on loopback, run ``body(rank, *args)``, exit at once."""
+def _gloo_rank(
+    rank: int, world_size: int, port: int, body: Callable, args: tuple, timeout_s: Optional[float] = None
+) -> None:
+    """One spawned rank: join a gloo group on loopback, run ``body(rank, *args)``, exit at once.
+
+    ``timeout_s``: the group's timeout for a collective (None: torch's default).
+    """
     import torch.distributed as dist
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # body's module imports conftest
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **extra)
     run_and_exit(lambda: body(rank, *args))  # no teardown: see run_and_exit
 
 
-def run_ranks(body: Callable, args: tuple = (), world_size: int = 2, timeout: float = 300.0) -> None:
+def run_ranks(
+    body: Callable, args: tuple = (), world_size: int = 2, timeout: float = 300.0, timeout_s: Optional[float] = None
+) -> None:
     """Run ``body(rank, *args)`` on every rank of a gloo group of ``world_size`` processes; fail, never hang.
 
     ``body`` is a module-level function (spawned processes import it by
     name) that saves what the test checks. A rank that raises fails the
     test with its traceback; ranks still running after ``timeout`` seconds
     are killed and the test fails, so that a collective that never
-    completes cannot stall the whole suite.
+    completes cannot stall the whole suite. ``timeout_s`` is the process
+    group's own timeout (None: torch's default, 30 minutes): tests of ranks
+    that might wait on each other set it short, so that a rank stuck in a
+    collective raises instead of waiting for ``timeout``.
     """
     import torch.multiprocessing as mp
 
-    context = mp.spawn(_gloo_rank, args=(world_size, free_port(), body, args), nprocs=world_size, join=False)
+    context = mp.spawn(
+        _gloo_rank, args=(world_size, free_port(), body, args, timeout_s), nprocs=world_size, join=False
+    )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -54,7 +54,7 @@ from .scores import (
     transrate_from_class_grams,
     work_dtype,
 )
-from .streaming import SumAccumulator, _state_device
+from .streaming import SumAccumulator, _check_labels_on_host, _state_device
 
 __all__ = [
     "NCEAccumulator",
@@ -144,6 +144,9 @@ class NCEAccumulator(_NamedSums):
         s, t, cs, ct = prepare_label_pair(
             probe, target_labels, device=device, batch=True, check_values=self.check_inputs or not fixed
         )
+        if not self.check_inputs and fixed:  # free on the CPU; see _check_labels_on_host
+            _check_labels_on_host(s, self._fixed["num_source_classes"], "num_source_classes")
+            _check_labels_on_host(t, self._fixed["num_target_classes"], "num_target_classes")
         self._ensure_allocated(device)
         for name, seen in (("num_source_classes", cs), ("num_target_classes", ct)):
             limit = self._fixed[name]
@@ -233,6 +236,8 @@ class _FeatureSums(_NamedSums):
             f, labels, regression=False, num_classes=self._fixed["num_classes"], device=device,
             batch=True, check_values=self.check_inputs,
         )
+        if not self.check_inputs:  # free on the CPU; see _check_labels_on_host
+            _check_labels_on_host(inputs.targets, self._fixed["num_classes"], "num_classes")
         self._ensure_allocated(device)
         self._grow_to("num_classes", inputs.num_columns)
         with torch.no_grad():
@@ -333,10 +338,10 @@ class _FeatureSums(_NamedSums):
         self._target_scale = scale
         return packed[:d] / count
 
-    def merge(self, other: "SumAccumulator") -> "SumAccumulator":
+    def _merge(self, other: "SumAccumulator") -> "SumAccumulator":
         """Add another accumulator's sums into this one (same type and settings), at the coarser scale."""
         if type(other) is not type(self) or other._config() != self._config() or other._shift is None:
-            return super().merge(other)  # a mismatch raises; an accumulator without batches adds zeros
+            return super()._merge(other)  # a mismatch raises; an accumulator without batches adds zeros
         assert isinstance(other, _FeatureSums)
         other._ensure_allocated()
         self._ensure_allocated(_state_device(other._states))  # made where their sums are, as in the base
@@ -345,7 +350,7 @@ class _FeatureSums(_NamedSums):
         if self._shift is None:  # nothing summed here: take their scale (the base class takes their shift)
             self._scale = theirs.clone()
             self._wide = other._wide
-            return super().merge(other)
+            return super()._merge(other)
         mine = self._own_scale()
         target = torch.minimum(mine, theirs)
         if not torch.equal(target, mine):
@@ -360,31 +365,34 @@ class _FeatureSums(_NamedSums):
             proxy._states = OrderedDict(other._rescale(other._states, factor))
             proxy._scale = target.to(other_device)
             other = proxy
-        return super().merge(other)
+        return super()._merge(other)
 
     def sync(self, group: Any = None) -> "SumAccumulator":
         """Replace the local sums with their sum over ``group``, at the ranks' common shift and scale."""
-        try:
-            super().sync(group)
-            if self._target_scale is not None:
-                self._scale = self._target_scale
-                self._wide = self._wide or bool((log2_of(self._scale).abs() > SCALE_LIMIT[torch.float32]).any())
-        finally:
-            self._target_scale = None
-        return self
+        with self._lock:
+            try:
+                super().sync(group)
+                if self._target_scale is not None:
+                    self._scale = self._target_scale
+                    self._wide = self._wide or bool((log2_of(self._scale).abs() > SCALE_LIMIT[torch.float32]).any())
+            finally:
+                self._target_scale = None
+            return self
 
     def compute(self) -> Tensor:  # type: ignore[override]
         """The score of every batch so far (0-dim; summed over ranks when distributed)."""
-        try:
-            return super().compute()
-        finally:
-            self._target_scale = None
+        with self._lock:
+            try:
+                return super().compute()
+            finally:
+                self._target_scale = None
 
     def reset(self) -> None:
         """Zero every sum, keeping sizes, device and dtype; the next batch sets a new shift and scale."""
-        super().reset()
-        self._scale = None
-        self._wide = False
+        with self._lock:
+            super().reset()
+            self._scale = None
+            self._wide = False
 
     def state_dict(self) -> Dict[str, Any]:
         """Copies of the sums, shift and scale plus the settings, for checkpoints."""
@@ -419,15 +427,24 @@ class _FeatureSums(_NamedSums):
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore sums saved by ``state_dict`` (settings must match)."""
-        super().load_state_dict(state)
-        device = next(iter(self._states.values())).device
-        saved = state.get("scale")
-        self._scale = None if saved is None else torch.as_tensor(saved).to(device, torch.float64).clone()
-        self._wide = bool(state.get("wide", True))
-        if self._shift is not None and self._scale is None:
-            self._scale = torch.ones(self.num_features, dtype=torch.float64, device=device)
-            self._wide = True
+        """Restore sums saved by ``state_dict`` (settings must match); atomic, as the base class's."""
+        with self._lock:
+            # The scale is checked before the base class loads anything: a bad one must change nothing.
+            saved = state.get("scale") if isinstance(state, Mapping) else None
+            if saved is not None:
+                saved = torch.as_tensor(saved)
+                if tuple(saved.shape) != (self.num_features,) or not saved.is_floating_point():
+                    raise ValueError(
+                        f"state_dict 'scale' is {tuple(saved.shape)} {saved.dtype}, expected ({self.num_features},) "
+                        "floating point"
+                    )
+            super().load_state_dict(state)
+            device = next(iter(self._states.values())).device
+            self._scale = None if saved is None else saved.to(device, torch.float64).clone()
+            self._wide = bool(state.get("wide", True))
+            if self._shift is not None and self._scale is None:
+                self._scale = torch.ones(self.num_features, dtype=torch.float64, device=device)
+                self._wide = True
 
     # -- the score -----------------------------------------------------------------
     def _compute(self, states: Mapping[str, Tensor], **kwargs: Any) -> Tensor:
