@@ -344,3 +344,92 @@ def test_bad_scores_and_options_raise_before_any_forward_pass(kwargs, exc, match
     with pytest.raises(exc, match=match):
         LayerScorer(model, "0", **kwargs)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def good_only(model, layers, batches, **kwargs):
+    """Scores of a scorer fed ``batches`` through batch(), nothing else."""
+    scorer = score_layers(model, layers, **kwargs)
+    for x, y in batches:
+        with scorer.batch(y):
+            model(x)
+    scorer.remove()
+    return scorer.compute()
+
+
+def same_scores(a, b):
+    def flat(d):
+        return {(k, s): v for k, by in d.items() for s, v in (by.items() if isinstance(by, dict) else [("", by)])}
+    fa, fb = flat(a), flat(b)
+    return fa.keys() == fb.keys() and all(close(fa[k], fb[k], rtol=1e-12) for k in fa)
+
+
+def test_an_exception_inside_batch_leaves_the_scorer_usable():
+    model = make_model("cpu")
+    batches = make_batches("cpu", seed=3)
+    scorer = score_layers(model, ["0", "2"], num_classes=3)
+    (x0, y0), rest = batches[0], batches[1:]
+    with scorer.batch(y0):
+        model(x0)
+    before = scorer.compute()
+    with pytest.raises(KeyError, match="boom"):
+        with scorer.batch(y0):
+            model(x0)
+            raise KeyError("boom")  # e.g. the loss or the metric code after the forward pass
+    assert same_scores(scorer.compute(), before)  # totals unchanged
+    with pytest.raises(KeyError, match="mid-pass"):
+        with scorer.batch(y0):
+            model[0](x0)  # only the first layer ran when the model failed
+            raise KeyError("mid-pass")
+    for x, y in rest:
+        with scorer.batch(y):  # the next batch works as usual
+            model(x)
+    scorer.remove()
+    assert same_scores(scorer.compute(), good_only(model, ["0", "2"], batches, num_classes=3))
+
+
+def test_nan_features_in_one_layer_reject_the_batch_for_every_layer():
+    model = make_model("cpu")
+    batches = make_batches("cpu", seed=4)
+    scorer = score_layers(model, ["0", "2"], num_classes=3)
+    x, y = batches[0]
+    weight = model[2].weight.detach().clone()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # layer "2" gives NaN, layer "0" does not
+    with pytest.raises(ValueError, match="NaN|finite"):
+        with scorer.batch(y):
+            model(x)
+    with torch.no_grad():
+        model[2].weight.copy_(weight)
+    assert scorer.accumulators == {"0": None, "2": None}  # "0" did not take it either
+    for xb, yb in batches:
+        with scorer.batch(yb):
+            model(xb)
+    scorer.remove()
+    assert same_scores(scorer.compute(), good_only(model, ["0", "2"], batches, num_classes=3))
+
+
+def test_a_batch_one_score_rejects_is_taken_by_no_score():
+    model = make_model("cpu")
+    batches = make_batches("cpu", seed=5, c=3)
+    kwargs = dict(scores=("logme", "h_score"), score_options={"h_score": {"num_classes": 3}})
+    scorer = score_layers(model, ["0", "2"], **kwargs)
+    x0, y0 = batches[0]
+    with scorer.batch(y0):
+        model(x0)
+    x, y = batches[1]
+    wide = y.clone()
+    wide[0] = 3  # fine for logme (classes grow), out of range for h_score's num_classes=3
+    before = {name: {s: {k: v.clone() for k, v in acc.states.items()} for s, acc in accs.items()}
+              for name, accs in scorer.accumulators.items()}
+    with pytest.raises(ValueError, match="out of range"):
+        with scorer.batch(wide):
+            model(x)
+    for name, accs in scorer.accumulators.items():
+        for s, acc in accs.items():
+            assert acc.states.keys() == before[name][s].keys()
+            assert all(torch.equal(acc.states[k], v) for k, v in before[name][s].items()), (name, s)
+    for xb, yb in batches[1:]:
+        with scorer.batch(yb):
+            model(xb)
+    scorer.remove()
+    assert same_scores(scorer.compute(), good_only(model, ["0", "2"], batches, **kwargs))

@@ -18,6 +18,11 @@ passes; ``compute()`` then returns ``{layer: {score: tensor}}``.
 
 The accumulators live on the device of the features they receive, so the
 features never leave that device; only the labels are moved to it.
+
+A batch is all or nothing: each hook only keeps its layer's detached
+features, and the accumulators take the batch once every layer has run and
+every (layer, score) has passed its checks; an exception inside
+``with scorer.batch(y):`` drops the batch and the scorer carries on.
 """
 from __future__ import annotations
 
@@ -43,7 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
+from ._checks import prepare
 from .registry import DEFAULT_SCORE
+from .streaming import _check_labels_on_host
 
 Layer = Union[str, nn.Module]
 ONS = ("output", "input")
@@ -236,6 +243,38 @@ def _flat_features(value: Any, transform: Optional[Callable[[Any], Tensor]], nam
     return value.detach().reshape(value.shape[0], -1)
 
 
+def _check_batch(acc: Any, features: Tensor, targets: Any, checked: Dict[Tuple[Any, ...], bool]) -> None:
+    """Run the checks ``acc.update(features, targets)`` runs before it adds to a sum, adding nothing.
+
+    So that a batch one accumulator rejects is rejected before any other
+    took it. ``checked`` holds the label/value checks already passed for
+    these features, so that several scores with the same settings read the
+    values back once.
+    """
+    width = getattr(acc, "num_features", None)
+    if width is not None and features.shape[1] != width:
+        raise ValueError(
+            f"features must be [B, {width}] (batch x num_features), got shape {tuple(features.shape)}"
+        )
+    fixed = getattr(acc, "_fixed", {})
+    if width is None or ("num_classes" not in fixed and "num_columns" not in fixed):
+        return  # NCE (source predictions, label pairs): its update checks before it counts anything
+    regression = bool(getattr(acc, "regression", False))
+    limit = None if regression else fixed.get("num_classes", fixed.get("num_columns"))
+    values = bool(acc.check_inputs)
+    key = (regression, limit, values)
+    if key in checked:
+        return
+    if hasattr(acc, "check_batch"):  # LogME: its own check, which also bounds the magnitude
+        inputs = acc.check_batch(features, targets, features.device)
+    else:
+        inputs = prepare(features, targets, regression=regression, num_classes=limit, device=features.device,
+                         batch=True, check_values=values)
+    if not regression and not values:  # as the update does: free for labels on the CPU
+        _check_labels_on_host(inputs.targets, limit, "num_classes")
+    checked[key] = True
+
+
 class LayerScorer:
     """Forward hooks feeding each of one or more layers into one streaming accumulator per score.
 
@@ -269,10 +308,20 @@ class LayerScorer:
             its features come from.
 
     Every score and option is checked when the scorer is made, before any
-    forward pass. A batch that one of several scores rejects raises in the
-    forward pass after the scores before it took it: call :meth:`reset`
-    before scoring on. Call :meth:`labels` (or use :meth:`batch`) before each
-    forward pass; each hooked layer takes those labels once. :meth:`remove`
+    forward pass. Call :meth:`labels` (or use :meth:`batch`) before each
+    forward pass; each hooked layer takes those labels once.
+
+    A batch is taken by every layer and every score, or by none: a hook
+    only keeps its layer's detached features [B, D] (which exist anyway
+    until the forward pass ends) and the accumulators take them after every
+    (layer, score) passed the checks its update runs (widths, finite values,
+    label range): with :meth:`batch`, when the block exits without an
+    exception; with :meth:`labels`, when the last layer has run. On an
+    exception (the model's, a hook's, a rejected batch) the batch is
+    dropped and the next :meth:`batch` or :meth:`labels` works as usual.
+    Not covered, as for the accumulators: a failure of the arithmetic
+    itself (out of memory) after some accumulators took the batch; the
+    scorer then raises until :meth:`reset`. :meth:`remove`
     (or leaving the ``with`` block) detaches the hooks; :meth:`compute`
     still works after.
 
@@ -317,6 +366,10 @@ class LayerScorer:
         self._accs: Dict[str, Optional[Dict[str, Any]]] = {name: None for name in self.layers}
         self._targets: Any = None
         self._pending: set = set()  # layers that have not yet taken the current labels
+        # Layer -> its features of the current batch, kept until the batch is taken or dropped.
+        self._staged: Dict[str, Tensor] = {}
+        self._in_batch = False  # inside batch(): the block's exit takes the batch
+        self._torn: Optional[str] = None  # why some accumulators took a batch others did not
         self._handles = [
             module.register_forward_hook(partial(self._hook, name)) for name, module in self.layers.items()
         ]
@@ -338,15 +391,36 @@ class LayerScorer:
         self._check_consumed("labels()")
         self._targets = targets
         self._pending = set(self.layers)
+        self._staged = {}
 
     @contextmanager
     def batch(self, targets: Any) -> Iterator["LayerScorer"]:
-        """``with scorer.batch(y): model(x)``: labels for this block; every layer must run in it."""
+        """``with scorer.batch(y): model(x)``: labels for this block; every layer must run in it.
+
+        The accumulators take the batch when the block exits without an
+        exception; on an exception nothing is taken and the scorer is
+        ready for the next batch.
+        """
         self.labels(targets)
-        yield self
-        self._check_consumed("the end of batch()")
+        self._in_batch = True
+        try:
+            yield self
+            self._check_consumed("the end of batch()")
+            self._commit()
+        finally:
+            self._in_batch = False
+            self._drop()  # after _commit there is nothing left; after an exception this drops the batch
+
+    def _drop(self) -> None:
+        """Forget the current batch: labels, features and which layers are still to run."""
+        self._targets, self._pending, self._staged = None, set(), {}
+
+    def _check_torn(self) -> None:
+        if self._torn is not None:
+            raise RuntimeError(f"{self._torn}; call reset() before scoring on")
 
     def _check_consumed(self, where: str) -> None:
+        self._check_torn()
         if self._pending:
             raise RuntimeError(
                 f"layers {sorted(self._pending)} did not run since the last labels() (checked at {where}); "
@@ -367,27 +441,57 @@ class LayerScorer:
             value = args[0]
         else:
             value = output
-        # No autograd graph, and normal (not inference) tensors, so that the
-        # sums can be reset and updated after an inference_mode() pass.
+        try:
+            # No autograd graph, and normal (not inference) tensors, so that the
+            # sums can be reset and updated after an inference_mode() pass.
+            with torch.no_grad(), torch.inference_mode(False):
+                self._staged[name] = _flat_features(value, self.transform, name)
+            self._pending.discard(name)
+            if not self._pending and not self._in_batch:
+                self._commit()  # labels(): no block to wait for, the last layer has run
+        except BaseException:
+            if not self._in_batch:  # batch() drops it on its way out
+                self._drop()
+            raise
+
+    def _new_accumulators(self, name: str, features: Tensor) -> Dict[str, Any]:
+        d = self._num_features
+        if isinstance(d, Mapping):
+            d = d.get(name)
+        if d is None:
+            d = features.shape[1]
+        return {
+            score: registry.accumulator(score, d, device=features.device, **self._kwargs[score])
+            for score in self.scores
+        }
+
+    def _commit(self) -> None:
+        """Every staged layer's features into each of its accumulators, or into none."""
+        staged, targets = self._staged, self._targets
+        self._drop()  # the batch is taken or dropped here, never twice
         with torch.no_grad(), torch.inference_mode(False):
-            features = _flat_features(value, self.transform, name)
-            accs = self._accs[name]
-            if accs is None:
-                d = self._num_features
-                if isinstance(d, Mapping):
-                    d = d.get(name)
-                if d is None:
-                    d = features.shape[1]
-                accs = {
-                    score: registry.accumulator(score, d, device=features.device, **self._kwargs[score])
-                    for score in self.scores
-                }
-                self._accs[name] = accs
-            for acc in accs.values():
-                acc.update(features, self._targets)
-        self._pending.discard(name)
-        if not self._pending:
-            self._targets = None  # every layer has its copy: do not keep the batch alive
+            # New layers' accumulators are installed only with the batch: a
+            # rejected first batch leaves the layer's entry None, as before it.
+            accs = {name: self._accs[name] or self._new_accumulators(name, f) for name, f in staged.items()}
+            # Every check before any sum is touched; the updates check again,
+            # but reading back B x D values costs little next to their D x D sums.
+            for name, features in staged.items():
+                checked: Dict[Tuple[Any, ...], bool] = {}
+                for acc in accs[name].values():
+                    _check_batch(acc, features, targets, checked)
+            taken: List[str] = []
+            for name, features in staged.items():
+                for score, acc in accs[name].items():
+                    try:
+                        acc.update(features, targets)
+                    except BaseException:
+                        if taken:
+                            # Undoing would need a copy of every sum per batch (about half an update's
+                            # time at D = 2048); the checks above make this the out-of-memory case only.
+                            self._torn = f"a batch was taken by {', '.join(taken)} only"
+                        raise
+                    taken.append(f"{name}/{score}")
+                self._accs[name] = accs[name]
 
     # -- results -----------------------------------------------------------------
     def compute(self, reduction: str = "mean") -> Dict[str, Any]:
@@ -429,7 +533,8 @@ class LayerScorer:
         for accs in self._accs.values():
             for acc in (accs or {}).values():
                 acc.reset()
-        self._targets, self._pending = None, set()
+        self._drop()
+        self._torn = None
 
     def remove(self) -> None:
         """Detach the hooks from the model (idempotent); the scores stay readable."""
