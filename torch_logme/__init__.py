@@ -6,6 +6,7 @@ published estimator. ``SCORES`` holds every score by name and
 ``accumulator(name, ...)`` streams any of them. ``torch_logme.reference`` holds the numpy reference of
 the published algorithms (imported on demand).
 """
+from ._checks import relabel
 from ._extension import extension_available
 from .estimator import LogME
 from .functional import logme
@@ -29,7 +30,7 @@ __all__ = [
     "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc",
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
-    "rank_models", "Ranking",
+    "rank_models", "Ranking", "relabel",
     # every score by name
     "SCORES", "ScoreSpec", "accumulator",
 ]

@@ -48,7 +48,15 @@ def as_tensor(x: Any, name: str) -> Tensor:
     if isinstance(x, Tensor):
         if x.layout != torch.strided:
             raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}")
-        return x.detach()
+        if x.is_meta:
+            raise ValueError(f"{name} on the meta device hold no values; pass tensors with data")
+        return _widen_unsigned(x.detach())
+    if isinstance(x, np.ma.MaskedArray):
+        # torch.from_numpy would read the data under the mask and drop the mask without a word.
+        raise ValueError(
+            f"{name}: masked arrays are not supported; fill or drop the masked entries "
+            "(numpy.ma: .filled(value) or .compressed())"
+        )
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise TypeError(
@@ -61,8 +69,22 @@ def as_tensor(x: Any, name: str) -> Tensor:
         with warnings.catch_warnings():
             # Read-only arrays (np.load with mmap_mode, say) are fine: nothing is written to them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(x)
+            return _widen_unsigned(torch.from_numpy(x))
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _widen_unsigned(x: Tensor) -> Tensor:
+    """uint16/32/64 as int64 or float64: torch has few ops for them, and they are numbers like any int.
+
+    uint16/32 fit int64 exactly. uint64 becomes float64 (exact to 2**53, as the
+    float64 sums would round it anyway): int64 would wrap values from 2**63 to
+    negative numbers, and telling them apart would cost a host read.
+    """
+    if x.dtype in (torch.uint16, torch.uint32):
+        return x.to(torch.int64)
+    if x.dtype == torch.uint64:
+        return x.to(torch.float64)
+    return x
 
 
 def source_labels(predictions: Any, *, check: bool = True) -> Tensor:
@@ -153,6 +175,8 @@ def prepare(
     y = _shape_targets(y, f.shape[0], regression)
     if device is not None:
         f = f.to(device)
+        if f.is_meta:  # device="meta": the value checks below would fail inside torch
+            raise ValueError("features on the meta device hold no values; pass a device with data")
     y = y.to(f.device)
     if regression:
         magnitude = None
@@ -201,11 +225,62 @@ def _check_values(
     low, high = read[-2], read[-1]
     if low < 0:
         raise ValueError(f"class labels must be non-negative integers, got minimum {int(low)}")
+    _check_int64(high, "class labels")
     if num_classes is None:
         return int(high) + 1, magnitude
     if high >= num_classes:
         raise ValueError(f"class label {int(high)} is out of range for num_classes={num_classes}")
     return num_classes, magnitude
+
+
+def _check_int64(high: float, what: str) -> None:
+    """Labels are int64 ids: a larger (float) label would wrap or overflow inside torch."""
+    if high >= 2.0**63:
+        raise ValueError(f"{what} must be integer-valued and within int64 (below 2**63), got a label of {high:g}")
+
+
+# -- class counts out of proportion to the data -------------------------------
+
+#: Largest state (in float64 bytes) that label ids may imply when they also imply
+#: more classes than samples: 2 GiB. 1000 classes x 2048 features is 16 MB of sums.
+CLASS_STATE_BUDGET = 2**31
+
+#: An accumulator has not seen its N yet: there the class count must pass this instead.
+STREAM_CLASS_LIMIT = 2**16
+
+
+def check_class_count(
+    num_classes: int, num_samples: Optional[int], elements: int, what: str, name: str = "class labels"
+) -> None:
+    """Raise ValueError, before anything is allocated, when label ids imply a class count out of proportion.
+
+    Classes are max id + 1, so one stray id (10**9, a hash) sets the cost
+    of every per-class state. The rule: more classes than samples (so at
+    least C - N ids never occur; ``num_samples=None``, a stream, compares with
+    ``STREAM_CLASS_LIMIT``) and a state of ``elements`` float64 values past
+    ``CLASS_STATE_BUDGET``. Real data, where each class has a sample, never
+    has C > N. Callers skip it when num_classes was given explicitly.
+    """
+    limit = STREAM_CLASS_LIMIT if num_samples is None else num_samples
+    size = 8 * elements
+    if num_classes <= limit or size <= CLASS_STATE_BUDGET:
+        return
+    than = f"{num_samples} samples" if num_samples is not None else f"{limit} (a stream's limit)"
+    raise ValueError(
+        f"{name} go up to {num_classes - 1}, which implies {num_classes} classes (more than {than}) and "
+        f"about {size / 2**30:.3g} GiB for {what}; relabel the ids to 0..K-1 with "
+        "torch_logme.relabel(labels), or pass num_classes explicitly (where the score takes it) to skip this check"
+    )
+
+
+def relabel(labels: Any) -> "tuple[Tensor, Tensor]":
+    """Class ids [N] as (ids 0..K-1 [N], the K original ids in increasing order): ``ids[new] == labels``.
+
+    Only the classes present count afterwards, however large the original ids.
+    """
+    y = _label_vector(labels, "labels", None, "")
+    ids, inverse = torch.unique(y, sorted=True, return_inverse=True)
+    return inverse.to(torch.int64), ids
 
 
 # -- inputs of the scores that take no features (torch_logme.scores) ------------
@@ -236,6 +311,7 @@ def _read_label_checks(read: list, labels: "list[tuple[str, Tensor]]") -> "list[
             raise ValueError(f"class labels ({name}) must be integers (0, 1, 2, ...); got non-integer values")
         if low < 0:
             raise ValueError(f"class labels ({name}) must be non-negative integers, got minimum {int(low)}")
+        _check_int64(high, f"class labels ({name})")
         sizes.append(int(high) + 1)
     return sizes
 

@@ -19,6 +19,10 @@ ABSENT_CLASSES = ("count", "skip")
 SOLVERS = ("eigh", "svd")
 DTYPES = (torch.float32, torch.float64)
 
+#: Largest ``max_iter``: far past any fixed point's convergence (the published value is 11),
+#: and within the op's int64 argument, which a larger Python int would overflow with a confusing error.
+MAX_ITER = 10**6
+
 # The published stopping tolerances: relative change of alpha/beta.
 DEFAULT_TOL = {"fixed_point": 1e-3, "icml": 1e-2}
 
@@ -84,6 +88,12 @@ def compute_options(*, dtype: torch.dtype = torch.float64, device: Device = None
             device = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"device must name a torch device, got {device!r}") from err
+        try:
+            # An empty tensor is the cheapest probe of whether torch can use the device at all:
+            # without it an unavailable one fails later with torch's raw AssertionError/RuntimeError.
+            torch.empty(0, device=device)
+        except (AssertionError, RuntimeError) as err:
+            raise ValueError(f"device {str(device)!r} cannot be used, it is not available: {err}") from err
     return ComputeOptions(dtype, device)
 
 
@@ -106,7 +116,7 @@ def logme_options(
     one_of(method, "method", METHODS)
     one_of(solver, "solver", SOLVERS)
     compute = compute_options(dtype=dtype, device=device)
-    positive_int(max_iter, "max_iter")
+    positive_int(max_iter, "max_iter", maximum=MAX_ITER)
     tol = positive_float(DEFAULT_TOL[method] if tol is None else tol, "tol")
     one_of(absent_classes, "absent_classes", ABSENT_CLASSES)
     boolean(legacy_evidence, "legacy_evidence")

@@ -12,12 +12,16 @@ from typing import Any, Optional, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def positive_int(value: Any, name: str, *, optional: bool = False) -> Optional[int]:
-    """An int >= 1 (bool is not an int here); None passes when ``optional``."""
+def positive_int(
+    value: Any, name: str, *, optional: bool = False, maximum: Optional[int] = None
+) -> Optional[int]:
+    """An int >= 1 (bool is not an int here), at most ``maximum`` when given; None passes when ``optional``."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
     return value
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from ._checks import as_tensor, prepare
 from ._options import logme_options
 from ._validators import boolean
-from .functional import reduce_columns, solve
+from .functional import check_classes, reduce_columns, solve
 
 
 class LogME:
@@ -82,6 +82,7 @@ class LogME:
         y: class ids [N] (classification) or float targets [N] / [N, C].
         """
         inputs = prepare(f, y, regression=self.regression, num_classes=None, device=self.options.device)
+        check_classes(inputs)
         if self.fitted:
             # stacklevel=1 as the published estimator, which this is a drop-in for.
             warnings.warn("re-fitting for new data. old parameters cleared.", stacklevel=1)
@@ -110,6 +111,9 @@ class LogME:
             raise ValueError(
                 f"features must be [M, {self.ms.shape[1]}] like the fitted ones, got shape {tuple(x.shape)}"
             )
+        # One host read: NaN/Inf rows would otherwise get an arbitrary class id (argmax of NaN).
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("features contain NaN or Inf; expected finite values")
         with torch.no_grad():
             logits = x.to(device=self.ms.device, dtype=self.ms.dtype) @ self.ms.T
             out = logits if self.regression else logits.argmax(dim=-1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import spectrum as _spectrum
-from ._checks import Inputs, prepare
+from ._checks import Inputs, check_class_count, prepare
 from ._options import LogMEOptions, logme_options
 from ._validators import one_of
 from .evidence import FixedPointResult, fixed_point, published_rank, roundoff_error
@@ -241,9 +241,20 @@ def logme(
     inputs = prepare(
         features, targets, regression=regression, num_classes=num_classes, device=options.device
     )
+    if num_classes is None:  # an explicit num_classes is the caller's choice: no second-guessing
+        check_classes(inputs)
     with torch.no_grad():
         spec, result = solve(inputs, options, with_basis=False)
     return reduce_columns(result.evidence, spec.target_sq, inputs.classification, options, reduction)
+
+
+def check_classes(inputs: Inputs) -> None:
+    """``check_class_count`` for LogME's per-class state (C x D) when the labels set C."""
+    if inputs.classification:
+        check_class_count(
+            inputs.num_columns, inputs.num_samples, inputs.num_columns * inputs.num_features,
+            "LogME's per-class state (C x D)",
+        )
 
 
 def reduce_columns(

@@ -36,12 +36,12 @@ import bisect
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._checks import prepare, prepare_label_pair, prepare_probabilities
+from ._checks import Inputs, check_class_count, prepare, prepare_label_pair, prepare_probabilities
 from ._options import compute_options
 from ._primitives import (
     add_counts_,
@@ -98,6 +98,12 @@ def _resolve(dtype: torch.dtype, device: Device) -> Tuple[torch.dtype, Optional[
     """Validate ``dtype`` and ``device`` exactly as ``logme`` does."""
     options = compute_options(dtype=dtype, device=device)
     return options.dtype, options.device
+
+
+def _check_classes(inputs: Inputs, elements: Callable[[int, int], int], what: str) -> None:
+    """``check_class_count`` for a score whose state is ``elements(C, D)`` values."""
+    c = inputs.num_columns
+    check_class_count(c, inputs.num_samples, elements(c, inputs.num_features), what)
 
 
 # -- frames: where the sums are taken --------------------------------------------
@@ -445,6 +451,7 @@ def leep(
     dtype, device = _resolve(dtype, device)
     p, y, num_target = prepare_probabilities(source_probs, target_labels, device=device)
     n, cs = p.shape
+    check_class_count(num_target, n, num_target * cs, "LEEP's joint (Ct x Cs)", "target_labels")
     with torch.no_grad():
         joint = torch.zeros(num_target, cs, dtype=dtype, device=p.device)
         for rows, chunk in row_chunks(p, dtype, whole_if_same=True):
@@ -492,6 +499,8 @@ def nce(
     dtype, device = _resolve(dtype, device)
     s, t, cs, ct = prepare_label_pair(source_labels, target_labels, device=device)
     assert cs is not None and ct is not None  # read, as check_values is left on
+    classes, name = max((cs, "source_labels"), (ct, "target_labels"))
+    check_class_count(classes, s.shape[0], cs * ct, "NCE's joint counts (Cs x Ct)", name)
     with torch.no_grad():
         counts = torch.zeros(cs * ct, dtype=dtype, device=s.device)
         add_counts_(counts, s * ct + t)
@@ -578,6 +587,7 @@ def h_score(
     dtype, device = _resolve(dtype, device)
     rcond = _rcond(rcond, dtype)
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    _check_classes(inputs, lambda c, d: c * d, "H-score's class sums (C x D)")
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     with torch.no_grad():
         # One power of two per column: the score standardises the columns anyway.
@@ -691,6 +701,7 @@ def regularized_h_score(
     dtype, device = _resolve(dtype, device)
     rcond = _rcond(rcond, dtype)
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    _check_classes(inputs, lambda c, d: c * d, "the regularized H-score's class sums (C x D)")
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     with torch.no_grad():
         # One power of two for all columns (the shrinkage target mu I is not
@@ -1023,6 +1034,7 @@ def transrate(
     dtype, device = _resolve(dtype, device)
     eps = positive_float(eps, "eps")
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    _check_classes(inputs, lambda c, d: c * d * d, "TransRate's class Gram matrices (C x D x D)")
     f, y, c = inputs.features, inputs.targets, inputs.num_columns
     n = inputs.num_samples
     with torch.no_grad():
@@ -1173,6 +1185,7 @@ def gbc(
     dtype, device = _resolve(dtype, device)
     min_variance = positive_float(min_variance, "min_variance")
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
+    _check_classes(inputs, lambda c, d: c * c, "GBC's class pairs (C x C)")
     f = inputs.features
     with torch.no_grad():
         # Diagonal covariances: one power of two per column (the floor is scaled with it).

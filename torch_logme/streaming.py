@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
@@ -21,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import Inputs, as_tensor, prepare
+from ._checks import Inputs, as_tensor, check_class_count, prepare
 from ._options import ComputeOptions, LogMEOptions, logme_options
 from ._validators import boolean, one_of, positive_int
 from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
@@ -257,6 +258,11 @@ class SumAccumulator:
     @torch.inference_mode(False)
     def _grow(self, name: str, size: int) -> None:
         """Enlarge every state along the size ``name`` to ``size``, padding with zeros."""
+        if "class" in name or (name == "num_columns" and not getattr(self, "regression", True)):
+            # Label ids set the class count: a stray huge one must not allocate first (_checks).
+            elements = sum(math.prod(size if a == name else self._dims.get(a) or 1 for a in axes)
+                           for axes in self._AXES.values())
+            check_class_count(size, None, elements, f"{type(self).__name__}'s state", name)
         if not self._allocated:
             self._dims[name] = size
             self._allocate(torch.device("cpu"))

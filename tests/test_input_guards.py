@@ -1,0 +1,164 @@
+"""Input guards: each mistake gets a ValueError naming it, never a raw error from torch's internals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from torch_logme import LogME, logme, nce
+
+from conftest import make_features
+
+F, Y = make_features(20, 4, 3, seed=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device():
+    with pytest.raises(ValueError, match="device 'cuda' cannot be used, it is not available"):
+        logme(F, Y, device="cuda")
+    with pytest.raises(ValueError, match="device 'cuda' cannot be used, it is not available"):
+        LogME(device="cuda")
+    with pytest.raises(ValueError, match="device 'cuda' cannot be used, it is not available"):
+        nce(Y, Y, device="cuda")
+
+
+def test_meta_device():
+    with pytest.raises(ValueError, match="features on the meta device hold no values"):
+        logme(torch.empty(20, 4, device="meta"), torch.from_numpy(Y))
+    with pytest.raises(ValueError, match="meta"):
+        logme(F, Y, device="meta")
+
+
+@pytest.mark.parametrize("big", [1e20, 2.0**63])
+def test_label_beyond_int64(big):
+    y = np.where(np.arange(20) == 0, big, Y.astype(np.float64))
+    with pytest.raises(ValueError, match="integer-valued and within int64"):
+        logme(F, y)
+    with pytest.raises(ValueError, match="integer-valued and within int64"):
+        nce(Y, y)
+
+
+def test_max_iter_upper_bound():
+    with pytest.raises(ValueError, match="max_iter must be at most"):
+        logme(F, Y, max_iter=2**63)
+    with pytest.raises(ValueError, match="max_iter must be at most"):
+        LogME(max_iter=10**6 + 1)
+    assert torch.isfinite(logme(F, Y, max_iter=10**6))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_features_accepted(dtype):
+    g = np.round(F * 10) + 100  # non-negative integers
+    base = logme(g, Y).item()
+    assert logme(g.astype(dtype), Y).item() == pytest.approx(base, rel=1e-12)
+    assert logme(torch.from_numpy(g.astype(dtype)), torch.from_numpy(Y)).item() == pytest.approx(base, rel=1e-12)
+    assert logme(F, Y.astype(dtype)).item() == logme(F, Y).item()  # unsigned labels too
+
+
+def test_uint64_above_int64_range():
+    g = (np.round(F * 10) + 100).astype(np.uint64)
+    g[:, 0] += np.uint64(2**63)  # would wrap negative as int64
+    expected = logme(g.astype(np.float64), Y).item()
+    assert logme(g, Y).item() == expected
+
+
+def test_predict_rejects_nan():
+    est = LogME()
+    est.fit(F, Y)
+    bad = F.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        est.predict(bad)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        est.predict(torch.from_numpy(bad))
+
+
+def test_masked_array_rejected():
+    masked = np.ma.masked_array(F, mask=F > 1)
+    with pytest.raises(ValueError, match="masked arrays are not supported; fill or drop the masked entries"):
+        logme(masked, Y)
+    with pytest.raises(ValueError, match="masked arrays are not supported"):
+        logme(F, np.ma.masked_array(Y))
+
+
+# -- class counts out of proportion to the data (item 6) -------------------------
+
+from torch_logme import (  # noqa: E402
+    GBCAccumulator,
+    HScoreAccumulator,
+    LogMEAccumulator,
+    NCEAccumulator,
+    TransRateAccumulator,
+    gbc,
+    h_score,
+    leep,
+    regularized_h_score,
+    relabel,
+    transrate,
+)
+
+
+def _stray(label):
+    y = Y.copy()
+    y[0] = label
+    return y
+
+
+@pytest.mark.parametrize("score, label", [
+    (logme, 10**9), (h_score, 10**9), (regularized_h_score, 10**9), (transrate, 10**8), (gbc, 30000),
+    (lambda f, y: LogME().fit(f, y), 10**9),
+])
+def test_huge_label_rejected_before_allocating(score, label):
+    with pytest.raises(ValueError, match=rf"go up to {label}, which implies {label + 1} classes .*relabel"):
+        score(F, _stray(label))
+
+
+def test_huge_label_nce_leep():
+    with pytest.raises(ValueError, match=r"target_labels go up to 1000000.*GiB.*torch_logme.relabel"):
+        nce(_stray(10**6), _stray(10**6))
+    probs = np.full((20, 1000), 1e-3)
+    with pytest.raises(ValueError, match=r"target_labels go up to 1000000"):
+        leep(probs, _stray(10**6))
+
+
+def test_explicit_num_classes_skips_the_check(monkeypatch):
+    # A small budget stands in for 2 GiB, so that the allowed run allocates little.
+    from torch_logme import _checks
+    monkeypatch.setattr(_checks, "CLASS_STATE_BUDGET", 2**10)
+    y = _stray(1000)
+    with pytest.raises(ValueError, match="pass num_classes explicitly"):
+        logme(F, y)
+    with pytest.warns(UserWarning, match="never occur"):
+        assert torch.isfinite(logme(F, y, num_classes=1001))
+
+
+def test_real_class_counts_pass():
+    # 1000 classes x 2048 features, every class present: no check fires (TransRate's state is 33 GB,
+    # but N >= C); checked on the rule itself, to keep the test light.
+    from torch_logme._checks import check_class_count
+    check_class_count(1000, 1000, 1000 * 2048 * 2048, "TransRate")
+    check_class_count(1000, 1000, 1000 * 2048, "LogME")
+    check_class_count(1000, 500, 1000 * 2048, "LogME")  # classes absent but a small state
+    check_class_count(1000, None, 1000 * 2048 * 2048, "a stream")
+
+
+def test_relabel():
+    labels = np.array([10**9, 7, 7, 42, 10**9])
+    new, ids = relabel(labels)
+    assert new.tolist() == [2, 0, 0, 1, 2] and ids.tolist() == [7, 42, 10**9]
+    assert torch.equal(ids[new], torch.from_numpy(labels))
+    assert logme(F, relabel(_stray(10**9))[0]).item() == logme(F, relabel(_stray(3))[0]).item()
+
+
+@pytest.mark.parametrize("make, update", [
+    (lambda: LogMEAccumulator(4), lambda a, y: a.update(F, y)),
+    (lambda: HScoreAccumulator(4), lambda a, y: a.update(F, y)),
+    (lambda: TransRateAccumulator(4), lambda a, y: a.update(F, y)),
+    (lambda: GBCAccumulator(4), lambda a, y: a.update(F, y)),
+    (lambda: NCEAccumulator(), lambda a, y: a.update(Y, y)),
+])
+def test_accumulator_growth_rejected(make, update):
+    acc = make()
+    update(acc, Y)
+    with pytest.raises(ValueError, match=r"go up to 1000000000.*relabel"):
+        update(acc, _stray(10**9))
