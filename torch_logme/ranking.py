@@ -369,21 +369,6 @@ def _rows(x: Any) -> Optional[int]:
     return int(shape[0]) if shape is not None and len(shape) >= 1 else None
 
 
-def _check_device(device: Union[str, torch.device, None]) -> None:
-    """ValueError if no tensor can be made on ``device``.
-
-    ``torch.device("cuda")`` is valid on a CPU-only build; only using it fails,
-    with an AssertionError or RuntimeError from deep inside torch. Trying once
-    here turns that into one error that names the device.
-    """
-    if device is None:
-        return
-    try:
-        torch.empty(0, device=device)
-    except (AssertionError, RuntimeError) as err:
-        raise ValueError(f"device {str(device)!r} cannot be used: {err}") from None
-
-
 def rank_files(
     feature_paths: Sequence[Union[str, Path]],
     labels_path: Union[str, Path],
@@ -404,8 +389,7 @@ def rank_files(
         ValueError: a bad score name, dtype, or a device this torch cannot use.
     """
     scores = score_names(scores)
-    compute_options(dtype=dtype, device=device)
-    _check_device(device)
+    compute_options(dtype=dtype, device=device)  # also tries the device: an unusable one is one line
     paths = [Path(p) for p in feature_paths]
     labels_path = Path(labels_path)
     labels = load_labels_file(labels_path)
