@@ -261,7 +261,7 @@ def _power_of_two_near_max(values: Tensor) -> Tensor:
     """0-dim: 2^e with values.max() in [2^(e-1), 2^e), or 1 when the max is not positive (no host read)."""
     top = values.amax()
     _, exponent = torch.frexp(top)
-    # A float exponent: torch < 2.5 computes ldexp with an int exponent as an
+    # A float exponent: torch 2.4 (CI's oldest) computes ldexp with an int exponent as an
     # integer power of two, which overflows past 2**31.
     scale = torch.ldexp(torch.ones_like(top), exponent.to(top.dtype))
     return torch.where(top > 0, scale, torch.ones_like(top))
