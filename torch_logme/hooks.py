@@ -92,12 +92,6 @@ def resolve_layers(model: nn.Module, layers: Union[Layer, Sequence[Layer]]) -> D
     return out
 
 
-# An option every score reads under one name, which an accumulator may spell otherwise:
-# the target task's classes are "num_classes" everywhere, "num_target_classes" where
-# the accumulator counts source classes too.
-_ALIASES = {"num_classes": "num_target_classes"}
-
-
 def streaming_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     """Check ``scores`` (one name or a sequence of names) and return them as a tuple.
 
@@ -116,19 +110,8 @@ def streaming_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     return names
 
 
-def _spelled(key: str, accepted: Optional[FrozenSet[str]]) -> Optional[str]:
-    """How the accumulator spells the option ``key``, or None when it does not take it."""
-    if accepted is None or key in accepted:
-        return key
-    alias = _ALIASES.get(key)
-    return alias if alias is not None and alias in accepted else None
-
-
-def _option_names(accepted: Optional[FrozenSet[str]]) -> str:
-    if accepted is None:
-        return "any keyword"
-    names = set(accepted) | {key for key, alias in _ALIASES.items() if alias in accepted}
-    return ", ".join(sorted(names - {"device"}))
+def _option_names(accepted: FrozenSet[str]) -> str:
+    return ", ".join(sorted(accepted - {"device"}))
 
 
 def _score_options(
@@ -145,11 +128,12 @@ def _score_options(
     if unknown:
         raise ValueError(f"score_options for scores not requested: {unknown}; requested: {list(names)}")
     # Every name streams (streaming_scores checked): each has an accumulator class.
-    accepted: Dict[str, Optional[FrozenSet[str]]] = {
+    # Under the caller's names: registry.accumulator maps num_classes to an accumulator's own name for it.
+    accepted: Dict[str, FrozenSet[str]] = {
         name: frozenset(registry.accumulator_keywords(registry.get_score(name))) for name in names
     }
     for key in options:
-        refusing = [name for name in names if _spelled(key, accepted[name]) is None]
+        refusing = [name for name in names if key not in accepted[name]]
         if not refusing:
             continue
         if len(names) == 1:
@@ -165,25 +149,13 @@ def _score_options(
     for name in names:
         own = score_options.get(name, {})
         for key in own:
-            if _spelled(key, accepted[name]) is None:
+            if key not in accepted[name]:
                 raise TypeError(
                     f"score_options[{name!r}]: {name} takes no option {key!r}; its options: "
                     f"{_option_names(accepted[name])}"
                 )
         # A score's own value wins over the shared one.
-        out[name] = {**_respelled(name, options, accepted[name]), **_respelled(name, own, accepted[name])}
-    return out
-
-
-def _respelled(name: str, options: Mapping[str, Any], accepted: Optional[FrozenSet[str]]) -> Dict[str, Any]:
-    """``options`` under the accumulator's own names (each taken, as checked before)."""
-    out: Dict[str, Any] = {}
-    given: Dict[str, str] = {}  # accumulator's name -> the caller's
-    for key, value in options.items():
-        spelled = _spelled(key, accepted) or key
-        if spelled in out:  # only through an alias: the keys of a mapping are distinct
-            raise TypeError(f"{name}: {given[spelled]!r} and {key!r} are the same option here; give one of them")
-        out[spelled], given[spelled] = value, key
+        out[name] = {**registry.shared_names(name, options), **registry.shared_names(name, own)}
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -36,7 +36,7 @@ from .streaming_scores import (
 
 __all__ = [
     "SCORES", "ScoreSpec", "INPUTS", "DEFAULT_SCORE", "accumulator", "accumulator_keywords", "get_score",
-    "score_names", "streaming_spec",
+    "score_names", "shared_names", "streaming_spec",
 ]
 
 #: What a score reads: a model's features [N, D], or its source-class
@@ -143,7 +143,31 @@ def accumulator_keywords(spec: ScoreSpec, *, keyword_only: bool = False) -> Tupl
     params = list(inspect.signature(spec.accumulator_cls).parameters.values())[1:]
     kinds = (inspect.Parameter.KEYWORD_ONLY,) if keyword_only else (
         inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(p.name for p in params if p.kind in kinds)
+    names = tuple(p.name for p in params if p.kind in kinds)
+    if _TARGET_CLASSES in names and "num_classes" not in names:
+        names += ("num_classes",)  # accumulator() takes it under that name too
+    return names
+
+
+# The target task's classes are num_classes for every score; an accumulator that also
+# counts source classes (NCE) names them this. accumulator() is the one place that maps them.
+_TARGET_CLASSES = "num_target_classes"
+
+
+def shared_names(name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    """``options`` for the score ``name`` under the names every score shares (num_classes for NCE's
+    num_target_classes), so that options from several places can be merged key by key.
+
+    Raises TypeError when ``options`` gives one option under both names.
+    """
+    out = dict(options)
+    if _TARGET_CLASSES in out:
+        if "num_classes" in out:
+            raise TypeError(
+                f"{name}: 'num_classes' and {_TARGET_CLASSES!r} are the same option here; give one of them"
+            )
+        out["num_classes"] = out.pop(_TARGET_CLASSES)
+    return out
 
 
 def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -> Any:
@@ -164,12 +188,9 @@ def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -
     """
     spec = streaming_spec(name)
     assert spec.accumulator_cls is not None  # streaming_spec checked it
-    if "num_classes" in options and "num_target_classes" in inspect.signature(spec.accumulator_cls).parameters:
-        # The target task's classes are num_classes for every score; an accumulator that
-        # also counts source classes calls them num_target_classes.
-        if "num_target_classes" in options:
-            raise TypeError(f"{name}: num_classes and num_target_classes are the same option here; give one")
-        options["num_target_classes"] = options.pop("num_classes")
+    options = shared_names(name, options)
+    if "num_classes" in options and _TARGET_CLASSES in inspect.signature(spec.accumulator_cls).parameters:
+        options[_TARGET_CLASSES] = options.pop("num_classes")
     if spec.input == "probs":
         return spec.accumulator_cls(num_features, **options)
     if num_features is None:
