@@ -408,17 +408,18 @@ def test_nan_features_in_one_layer_reject_the_batch_for_every_layer():
     assert same_scores(scorer.compute(), good_only(model, ["0", "2"], batches, num_classes=3))
 
 
-def test_a_batch_one_score_rejects_is_taken_by_no_score():
+@pytest.mark.parametrize("strict", ["h_score", "nce"])
+def test_a_batch_one_score_rejects_is_taken_by_no_score(strict):
     model = make_model("cpu")
     batches = make_batches("cpu", seed=5, c=3)
-    kwargs = dict(scores=("logme", "h_score"), score_options={"h_score": {"num_classes": 3}})
+    kwargs = dict(scores=("logme", strict), score_options={strict: {"num_classes": 3}})
     scorer = score_layers(model, ["0", "2"], **kwargs)
     x0, y0 = batches[0]
     with scorer.batch(y0):
         model(x0)
     x, y = batches[1]
     wide = y.clone()
-    wide[0] = 3  # fine for logme (classes grow), out of range for h_score's num_classes=3
+    wide[0] = 3  # fine for logme (classes grow), out of range for the other score's num_classes=3
     before = {name: {s: {k: v.clone() for k, v in acc.states.items()} for s, acc in accs.items()}
               for name, accs in scorer.accumulators.items()}
     with pytest.raises(ValueError, match="out of range"):

@@ -48,9 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from ._checks import prepare
 from .registry import DEFAULT_SCORE
-from .streaming import _check_labels_on_host
 
 Layer = Union[str, nn.Module]
 ONS = ("output", "input")
@@ -213,38 +211,6 @@ def _flat_features(value: Any, transform: Optional[Callable[[Any], Tensor]], nam
     if value.dim() == 0:
         raise ValueError(f"layer {name!r} gave a 0-dim tensor; expected a batch [B, ...]")
     return value.detach().reshape(value.shape[0], -1)
-
-
-def _check_batch(acc: Any, features: Tensor, targets: Any, checked: Dict[Tuple[Any, ...], bool]) -> None:
-    """Run the checks ``acc.update(features, targets)`` runs before it adds to a sum, adding nothing.
-
-    So that a batch one accumulator rejects is rejected before any other
-    took it. ``checked`` holds the label/value checks already passed for
-    these features, so that several scores with the same settings read the
-    values back once.
-    """
-    width = getattr(acc, "num_features", None)
-    if width is not None and features.shape[1] != width:
-        raise ValueError(
-            f"features must be [B, {width}] (batch x num_features), got shape {tuple(features.shape)}"
-        )
-    fixed = getattr(acc, "_fixed", {})
-    if width is None or ("num_classes" not in fixed and "num_columns" not in fixed):
-        return  # NCE (source predictions, label pairs): its update checks before it counts anything
-    regression = bool(getattr(acc, "regression", False))
-    limit = None if regression else fixed.get("num_classes", fixed.get("num_columns"))
-    values = bool(acc.check_inputs)
-    key = (regression, limit, values)
-    if key in checked:
-        return
-    if hasattr(acc, "check_batch"):  # LogME: its own check, which also bounds the magnitude
-        inputs = acc.check_batch(features, targets, features.device)
-    else:
-        inputs = prepare(features, targets, regression=regression, num_classes=limit, device=features.device,
-                         batch=True, check_values=values)
-    if not regression and not values:  # as the update does: free for labels on the CPU
-        _check_labels_on_host(inputs.targets, limit, "num_classes")
-    checked[key] = True
 
 
 class LayerScorer:
@@ -445,12 +411,11 @@ class LayerScorer:
             # New layers' accumulators are installed only with the batch: a
             # rejected first batch leaves the layer's entry None, as before it.
             accs = {name: self._accs[name] or self._new_accumulators(name, f) for name, f in staged.items()}
-            # Every check before any sum is touched; the updates check again,
-            # but reading back B x D values costs little next to their D x D sums.
+            # Every accumulator's own checks before any sum is touched; the updates check
+            # again, but reading back B x D values costs little next to their D x D sums.
             for name, features in staged.items():
-                checked: Dict[Tuple[Any, ...], bool] = {}
                 for acc in accs[name].values():
-                    _check_batch(acc, features, targets, checked)
+                    acc.check_batch(features, targets, features.device)
             taken: List[str] = []
             for name, features in staged.items():
                 for score, acc in accs[name].items():

@@ -852,7 +852,7 @@ class LogMEAccumulator(SumAccumulator):
 
     # -- the torchmetrics-style API -------------------------------------------
     def check_batch(self, features: Any, targets: Any, device: Optional[torch.device] = None) -> Inputs:
-        """Validate one batch (features [B, D], targets) against these settings, on ``device``."""
+        """Run every check ``update`` runs on a batch (features [B, D], targets), on ``device``, adding nothing."""
         f = as_tensor(features, "features")
         if f.dim() != 2 or f.shape[1] != self.num_features:
             raise ValueError(
@@ -864,6 +864,8 @@ class LogMEAccumulator(SumAccumulator):
             device=device, batch=True, check_values=self.check_inputs,
         )
         check_magnitude(inputs, batch=True)
+        if not self.regression and not self.check_inputs:  # free on the CPU; see _check_labels_on_host
+            _check_labels_on_host(inputs.targets, self._fixed["num_columns"], "num_classes")
         return inputs
 
     def update(self, features: Any, targets: Any) -> None:
@@ -871,8 +873,6 @@ class LogMEAccumulator(SumAccumulator):
         f = as_tensor(features, "features")
         device = self._device(f.device)
         inputs = self.check_batch(f, targets, device)
-        if not self.regression and not self.check_inputs:
-            _check_labels_on_host(inputs.targets, self._fixed["num_columns"], "num_classes")
         self._ensure_allocated(device)
         if self.regression and self.num_columns == 0:
             self._grow("num_columns", inputs.num_columns)

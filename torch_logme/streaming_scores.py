@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ._checks import as_tensor, prepare, prepare_label_pair
+from ._checks import Inputs, as_tensor, prepare, prepare_label_pair
 from ._checks import source_labels as source_labels_of
 from ._options import compute_options
 from ._primitives import add_counts_, add_rows_, gram_full
@@ -135,23 +135,37 @@ class NCEAccumulator(_NamedSums):
         super().__init__(sizes, dtype=dtype, device=device, sync_on_compute=sync_on_compute,
                          check_inputs=check_inputs)
 
-    def update(self, source_labels: Any, target_labels: Any) -> None:
-        """Add a batch of hard source labels [B] (or source-class probabilities or logits
-        [B, Cs], whose argmax they are) and target labels [B]."""
+    def check_batch(
+        self, source_labels: Any, target_labels: Any, device: Optional[torch.device] = None
+    ) -> Tuple[Tensor, Tensor, Optional[int], Optional[int]]:
+        """Run every check ``update`` runs on a batch, adding nothing.
+
+        Returns (source labels [B], target labels [B] on ``device``, and the
+        numbers of source and target classes the batch implies, or None
+        where they were not read).
+        """
         probe = source_labels_of(source_labels, check=self.check_inputs)
-        device = self._device(probe.device)
         fixed = all(v is not None for v in self._fixed.values())
         s, t, cs, ct = prepare_label_pair(
-            probe, target_labels, device=device, batch=True, check_values=self.check_inputs or not fixed
+            probe, target_labels, device=device if device is not None else self._device(probe.device), batch=True,
+            check_values=self.check_inputs or not fixed,
         )
         if not self.check_inputs and fixed:  # free on the CPU; see _check_labels_on_host
             _check_labels_on_host(s, self._fixed["num_source_classes"], "num_source_classes")
             _check_labels_on_host(t, self._fixed["num_target_classes"], "num_target_classes")
-        self._ensure_allocated(device)
         for name, seen in (("num_source_classes", cs), ("num_target_classes", ct)):
             limit = self._fixed[name]
             if seen is not None and limit is not None and seen > limit:
                 raise ValueError(f"class label {seen - 1} is out of range for {name}={limit}")
+        return s, t, cs, ct
+
+    def update(self, source_labels: Any, target_labels: Any) -> None:
+        """Add a batch of hard source labels [B] (or source-class probabilities or logits
+        [B, Cs], whose argmax they are) and target labels [B]."""
+        device = self._device(as_tensor(source_labels, "source_labels").device)
+        s, t, cs, ct = self.check_batch(source_labels, target_labels, device)
+        self._ensure_allocated(device)
+        for name, seen in (("num_source_classes", cs), ("num_target_classes", ct)):
             self._grow_to(name, seen)
         counts = self._states["counts"]
         with torch.no_grad():
@@ -224,20 +238,26 @@ class _FeatureSums(_NamedSums):
         """[D] the powers of two the shifted batches are multiplied by (None before the first batch)."""
         return self._scale
 
-    def update(self, features: Any, labels: Any) -> None:
-        """Add a batch: features [B, D] (any float dtype), class ids [B]."""
+    def check_batch(self, features: Any, labels: Any, device: Optional[torch.device] = None) -> Inputs:
+        """Run every check ``update`` runs on a batch (features [B, D], class ids [B]), adding nothing."""
         f = as_tensor(features, "features")
         if f.dim() != 2 or f.shape[1] != self.num_features:
             raise ValueError(
                 f"features must be [B, {self.num_features}] (batch x num_features), got shape {tuple(f.shape)}"
             )
-        device = self._device(f.device)
         inputs = prepare(
-            f, labels, regression=False, num_classes=self._fixed["num_classes"], device=device,
-            batch=True, check_values=self.check_inputs,
+            f, labels, regression=False, num_classes=self._fixed["num_classes"],
+            device=device if device is not None else self._device(f.device), batch=True,
+            check_values=self.check_inputs,
         )
         if not self.check_inputs:  # free on the CPU; see _check_labels_on_host
             _check_labels_on_host(inputs.targets, self._fixed["num_classes"], "num_classes")
+        return inputs
+
+    def update(self, features: Any, labels: Any) -> None:
+        """Add a batch: features [B, D] (any float dtype), class ids [B]."""
+        device = self._device(as_tensor(features, "features").device)
+        inputs = self.check_batch(features, labels, device)
         self._ensure_allocated(device)
         self._grow_to("num_classes", inputs.num_columns)
         with torch.no_grad():
