@@ -63,6 +63,14 @@ class ScoreSpec:
         accumulator_cls: the streaming accumulator, or None when the score
             cannot stream in one pass (LEEP).
         name: the registry key.
+        no_stream_reason: why a score without an accumulator cannot stream
+            (``accumulator(name)`` says it).
+        terms: for a score that the published code normalises across the
+            pool of candidate models: the names of the per-model terms that
+            ``fn`` returns ([T], in this order); () for a plain score.
+        combine: with ``terms``: the published combination, terms [M, T] of
+            M models -> scores [M]; ``rank_models`` applies it to the models
+            it ranks.
     """
 
     fn: Callable[..., Tensor]
@@ -71,11 +79,19 @@ class ScoreSpec:
     paper: str
     accumulator_cls: Optional[type] = None
     name: str = ""
+    no_stream_reason: str = ""
+    terms: Tuple[str, ...] = ()
+    combine: Optional[Callable[[Tensor], Tensor]] = None
 
     @property
     def streams(self) -> bool:
         """Whether the score has an accumulator (one pass over batches, constant memory)."""
         return self.accumulator_cls is not None
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the score is normalised across a pool of models (``fn`` returns terms; see ``combine``)."""
+        return bool(self.terms)
 
     @property
     def mode(self) -> str:
@@ -85,7 +101,8 @@ class ScoreSpec:
 
 _SPECS: Tuple[ScoreSpec, ...] = (
     ScoreSpec(logme, "features", True, "You et al., ICML 2021; JMLR 2022", LogMEAccumulator, "logme"),
-    ScoreSpec(leep, "probs", True, "Nguyen et al., ICML 2020", None, "leep"),
+    ScoreSpec(leep, "probs", True, "Nguyen et al., ICML 2020", None, "leep",
+              no_stream_reason="it needs every sample's predictions at once"),
     ScoreSpec(_nce_from_probs, "probs", True, "Tran et al., ICCV 2019", NCEAccumulator, "nce"),
     ScoreSpec(h_score, "features", True, "Bao et al., ICIP 2019", HScoreAccumulator, "h_score"),
     ScoreSpec(regularized_h_score, "features", True, "Ibrahim et al., ICLR 2023", RegularizedHScoreAccumulator,
@@ -125,9 +142,10 @@ def streaming_spec(name: Any) -> ScoreSpec:
     spec = get_score(name)
     if spec.accumulator_cls is None:
         streaming = ", ".join(n for n, other in SCORES.items() if other.streams)
+        what = "predictions" if spec.input == "probs" else "features"
         raise ValueError(
-            f"score {name!r} does not stream (it needs every sample's predictions at once), so it has no "
-            f"accumulator; choose from {streaming}, or score stored predictions with torch_logme.{spec.fn.__name__}"
+            f"score {name!r} does not stream ({spec.no_stream_reason or 'it needs every sample at once'}), so it "
+            f"has no accumulator; choose from {streaming}, or score stored {what} with torch_logme.{spec.fn.__name__}"
         )
     return spec
 
