@@ -4,12 +4,12 @@ The package is pure Python plus one optional library, ``torch_logme._C``: the
 fixed point in C++ (CPU) and, when nvcc is found, CUDA. Without it the
 package runs the same fixed point in plain torch ops.
 
-The library is built only when torch can be imported while setup.py runs.
-``pip install -e .`` runs setup.py twice: first for the metadata, before it
-has installed torch (so nothing is built then: the metadata is the same),
-then for the install, with torch present. There is no pyproject.toml on
-purpose: build isolation would build against a fresh download of torch
-instead of the one installed.
+The library is built only when torch can be imported while setup.py runs:
+install with ``pip install --no-build-isolation`` (see the README), after
+torch. Under pip's default build isolation the build environment has no
+torch (pyproject.toml does not ask for one: that would build against a
+fresh multi-GB download instead of the torch installed), and setup.py says
+that it builds the pure-Python package only.
 
 Build-time environment variables:
 
@@ -89,7 +89,11 @@ def _extension_build() -> tuple[list, dict]:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        # pip's metadata pass, before torch is installed: metadata only.
+        _say(
+            "torch is not importable here (pip's build isolation, or torch not installed yet): building "
+            "the pure-Python package without the compiled op; install torch first, then this package with "
+            "`pip install --no-build-isolation`, to compile it"
+        )
         return [], {}
     if not _has_cxx_compiler():
         _say("no C++ compiler found: no compiled extension (the pure-torch path will run)")
