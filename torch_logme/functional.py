@@ -1,7 +1,10 @@
 """Functional LogME: tensors in, a score tensor out.
 
-Both this function and the LogME estimator are thin layers over the same
-stages: inputs -> sufficient statistics -> spectrum -> fixed point.
+This function, the LogME estimator and the accumulator are thin layers over
+the same stages: inputs -> sufficient statistics -> spectrum -> fixed point.
+LogME's compute stage is ``compute_evidence``: the accumulator runs it on its
+sums; ``logme`` runs it once on the whole data set, whose rows the N <= D
+and precise routes read.
 """
 from __future__ import annotations
 
@@ -159,6 +162,19 @@ def solve(inputs: Inputs, options: LogMEOptions, *, with_basis: bool) -> Tuple[_
     return _finite(spec, result, _magnitude(inputs))
 
 
+def compute_evidence(state: Union[Inputs, SufficientStatistics], options: LogMEOptions) -> Tuple[Tensor, Tensor]:
+    """LogME's compute stage: (evidence [C], class counts [C]) from its state.
+
+    The state is the whole data set (validated inputs: the functional form's
+    one update holds the rows, which the N <= D and precise routes read), or
+    the sums over samples of an accumulator (the streaming route).
+    """
+    if isinstance(state, SufficientStatistics):
+        return solve_statistics(state, options), state.target_sq
+    spec, result = solve(state, options, with_basis=False)
+    return result.evidence, spec.target_sq
+
+
 def solve_statistics(stats: SufficientStatistics, options: LogMEOptions) -> Tensor:
     """[C] evidence from accumulated statistics (the streaming route), as ``solve`` picks it.
 
@@ -244,8 +260,8 @@ def logme(
     if num_classes is None:  # an explicit num_classes is the caller's choice: no second-guessing
         check_classes(inputs)
     with torch.no_grad():
-        spec, result = solve(inputs, options, with_basis=False)
-    return reduce_columns(result.evidence, spec.target_sq, inputs.classification, options, reduction)
+        evidence, counts = compute_evidence(inputs, options)
+    return reduce_columns(evidence, counts, inputs.classification, options, reduction)
 
 
 def check_classes(inputs: Inputs) -> None:

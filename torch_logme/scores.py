@@ -13,10 +13,16 @@ feature dimensions, batched: there is no Python loop over classes.
     TransRate   per-class F_c^T F_c, class sums, counts       [C, D, D], ...
     GBC         per-class sums and sums of squares, counts    [C, D], [C, D], [C]
 
-``ClassMoments`` holds these sums; the streaming accumulators
-(``torch_logme.streaming_scores``) keep the same sums as their states and
-call the same ``*_from_moments`` functions, so the functional and streaming
-scores share their arithmetic.
+Each score is defined once, as two stages (docs/design.md, "A score in
+two stages"): an update, which turns a batch into sums (``ClassMoments.add_``;
+NCE's pair counts), and a compute, ``<score>_compute(state, ...)``, which
+turns the state into the score. An accumulator
+(``torch_logme.streaming_scores``) runs the update per batch and the compute
+on its sums. The functional form runs the update once, on the whole data
+set (``update_once``), then the same compute. Where a form that reads the
+rows themselves is cheaper (N <= D: the N x N Gram matrix; TransRate's
+per-class blocks), that one update holds the rows (a ``WholeData``) instead
+of summing them, and the compute takes that form for it.
 
 Every sum is of x = (features - shift) * scale (a ``Frame``): the shift is
 the feature mean (the functional scores) or the first batch's mean (the
@@ -309,6 +315,8 @@ class ClassMoments:
     norm_quartic: [] sum of ||x||^4, or None.
     scale: [D] the powers of two the shifted features were multiplied by,
         or None for 1. The moments below are of x, in these units.
+    class_grams: [C, D, D] per-class sums of x x^T (TransRate's
+        accumulator sums them itself), or None.
     """
 
     counts: Tensor
@@ -319,6 +327,7 @@ class ClassMoments:
     norm_sq_sums: Optional[Tensor] = None
     norm_quartic: Optional[Tensor] = None
     scale: Optional[Tensor] = None
+    class_grams: Optional[Tensor] = None
 
     @classmethod
     def zeros(
@@ -410,6 +419,37 @@ def _moments(
     return m.add_(f, y)
 
 
+@dataclass
+class WholeData:
+    """The whole data set, held by a functional form's one update for a compute that reads its rows.
+
+    features: [N, D] as given (any dtype), on the compute device.
+    labels: [N] int64 class ids 0..num_classes-1.
+    num_classes: C.
+    frame: where the rows are taken (see ``Frame``).
+    dtype: the compute dtype.
+    """
+
+    features: Tensor
+    labels: Tensor
+    num_classes: int
+    frame: Frame
+    dtype: torch.dtype
+
+
+#: What a feature score's compute takes: sums over samples, or the whole data set.
+State = Union[ClassMoments, WholeData]
+
+
+def update_once(inputs: Inputs, dtype: torch.dtype, frame: Frame, *, hold: bool, **which: bool) -> State:
+    """The functional form's update: the whole data set, summed into moments (``which`` as
+    ``ClassMoments.zeros`` takes them) in ``frame``, or held as it is (``hold``) for a compute
+    whose form reads the rows."""
+    if hold:
+        return WholeData(inputs.features, inputs.targets, inputs.num_columns, frame, dtype)
+    return _moments(inputs.features, inputs.targets, inputs.num_columns, dtype, frame, **which)
+
+
 def _constant_columns(var: Tensor, mean: Tensor) -> Tensor:
     """[D] bool: columns whose variance is round-off of their second moment about the shift.
 
@@ -467,7 +507,11 @@ def leep(
 
 
 def nce_from_counts(joint_counts: Tensor) -> Tensor:
-    """NCE from the [Cs, Ct] counts of (source label, target label) pairs."""
+    """NCE's compute: the score from the [Cs, Ct] counts of (source label, target label) pairs.
+
+    Its update adds a batch's pairs to the counts (``add_counts_``): the
+    functional form does that once, an accumulator per batch.
+    """
     joint = joint_counts / joint_counts.sum()
     source = joint.sum(1, keepdim=True)
     seen = joint > 0
@@ -559,6 +603,13 @@ def _h_score_dual(
     return (safe_reciprocal(class_counts(y, num_classes, u.dtype))[:, None] * sums * sums * keep).sum()
 
 
+def h_score_compute(state: State, rcond: float) -> Tensor:
+    """H-score from its state: sums (the primal, D x D form) or the whole data (the N <= D form)."""
+    if isinstance(state, WholeData):
+        return _h_score_dual(state.features, state.labels, state.num_classes, state.dtype, rcond, state.frame)
+    return h_score_from_moments(state, rcond)
+
+
 def h_score(
     features: Any,
     labels: Any,
@@ -588,16 +639,13 @@ def h_score(
     rcond = _rcond(rcond, dtype)
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     _check_classes(inputs, lambda c, d: c * d, "H-score's class sums (C x D)")
-    f, y, c = inputs.features, inputs.targets, inputs.num_columns
+    f = inputs.features
     with torch.no_grad():
         # One power of two per column: the score standardises the columns anyway.
         frame = make_frame(f, dtype, per_column=True, power=2)
         _resolvable(frame, dtype, 2, "H-score")
-        if inputs.num_samples <= inputs.num_features:
-            score = _h_score_dual(f, y, c, dtype, rcond, frame)
-        else:
-            score = h_score_from_moments(_moments(f, y, c, dtype, frame, gram=True), rcond)
-        return _finite(score, "H-score", frame.size)
+        state = update_once(inputs, dtype, frame, hold=inputs.num_samples <= inputs.num_features, gram=True)
+        return _finite(h_score_compute(state, rcond), "H-score", frame.size)
 
 
 def _ledoit_wolf(
@@ -671,6 +719,15 @@ def _regularized_h_score_dual(
     return (1 - alpha) * (inverse_counts[:, None] * sums * sums * lam * inv).sum()
 
 
+def regularized_h_score_compute(state: State, rcond: float) -> Tensor:
+    """Shrinkage H-score from its state: sums (the D x D form) or the whole data (the N <= D form)."""
+    if isinstance(state, WholeData):
+        return _regularized_h_score_dual(
+            state.features, state.labels, state.num_classes, state.dtype, rcond, state.frame
+        )
+    return regularized_h_score_from_moments(state, rcond)
+
+
 def regularized_h_score(
     features: Any,
     labels: Any,
@@ -702,18 +759,15 @@ def regularized_h_score(
     rcond = _rcond(rcond, dtype)
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     _check_classes(inputs, lambda c, d: c * d, "the regularized H-score's class sums (C x D)")
-    f, y, c = inputs.features, inputs.targets, inputs.num_columns
+    f = inputs.features
     with torch.no_grad():
         # One power of two for all columns (the shrinkage target mu I is not
         # invariant to scaling a column), sized for sums of ||x||^4.
         frame = make_frame(f, dtype, per_column=False, power=4, largest=inputs.magnitude)
         _resolvable(frame, dtype, 4, "regularized H-score")
-        if inputs.num_samples <= inputs.num_features:
-            score = _regularized_h_score_dual(f, y, c, dtype, rcond, frame)
-        else:
-            moments = _moments(f, y, c, dtype, frame, gram=True, fourth=True)
-            score = regularized_h_score_from_moments(moments, rcond)
-        return _finite(score, "regularized H-score", frame.size)
+        hold = inputs.num_samples <= inputs.num_features
+        state = update_once(inputs, dtype, frame, hold=hold, gram=True, fourth=True)
+        return _finite(regularized_h_score_compute(state, rcond), "regularized H-score", frame.size)
 
 
 # -- TransRate -------------------------------------------------------------------
@@ -1035,35 +1089,52 @@ def transrate(
     eps = positive_float(eps, "eps")
     inputs = prepare(features, labels, regression=False, num_classes=None, device=device)
     _check_classes(inputs, lambda c, d: c * d * d, "TransRate's class Gram matrices (C x D x D)")
-    f, y, c = inputs.features, inputs.targets, inputs.num_columns
-    n = inputs.num_samples
     with torch.no_grad():
         # Z is the rows themselves, not moments: centre them to the last digit (``centre``).
-        frame = make_frame(f, dtype, per_column=False, power=2, centre=True, largest=inputs.magnitude)
-        g, eps_f = rate_eps(eps, float(frame.log2_scale[0]), frame.spread, n, dtype)
-        counts = class_counts(y, c, dtype)
-        counts_host = [int(v) for v in counts.tolist()]
-        cond = torch.zeros((), dtype=dtype, device=f.device)
-        # With N > D the class blocks also sum the whole data's D x D Gram matrix.
-        whole = torch.zeros(f.shape[1], f.shape[1], dtype=dtype, device=f.device) if n > f.shape[1] else None
-        for ids, grams in class_gram_blocks(
-            f, y, counts_host, frame.shift, dtype, dual=True, total=whole, scale=frame.scale, centre=frame.centre
-        ):
-            if g != 1.0:
-                grams *= g
-            cond = cond + (counts[ids] / n * _coding_rates(grams, counts[ids], eps_f)).sum()
-        if whole is None:  # N <= D: the N x N Gram matrix of all rows
-            for _, gram in class_gram_blocks(
-                f, torch.zeros_like(y), [n], frame.shift, dtype, dual=True, scale=frame.scale, centre=frame.centre
-            ):
-                whole = gram[0]
-        else:
-            whole = gram_full(whole)
-        assert whole is not None  # the loop above yields its one block
+        frame = make_frame(inputs.features, dtype, per_column=False, power=2, centre=True, largest=inputs.magnitude)
+        # Its per-class blocks take each class's N_c x N_c or D x D Gram matrix, whichever is smaller:
+        # the one update holds the rows.
+        state = update_once(inputs, dtype, frame, hold=True)
+        remedy = "divide the features by a constant or raise eps"
+        return _finite(transrate_compute(state, eps), "TransRate", frame.size, remedy)
+
+
+def transrate_compute(state: State, eps: float) -> Tensor:
+    """TransRate from its state: per-class Gram sums (``class_grams``, an accumulator's) or the whole data."""
+    if isinstance(state, WholeData):
+        return _transrate_rows(state, eps)
+    assert state.class_grams is not None, "TransRate's state holds its class Gram matrices"
+    log2_scale = 0.0 if state.scale is None else float(log2_of(state.scale[:1]))
+    return transrate_from_class_grams(state.class_grams, state.sums, state.counts, eps, log2_scale=log2_scale)
+
+
+def _transrate_rows(state: WholeData, eps: float) -> Tensor:
+    """TransRate of the whole data, a block of classes at a time, each in its cheaper (primal or dual) form."""
+    f, y, frame, dtype = state.features, state.labels, state.frame, state.dtype
+    n = f.shape[0]
+    g, eps_f = rate_eps(eps, float(frame.log2_scale[0]), frame.spread, n, dtype)
+    counts = class_counts(y, state.num_classes, dtype)
+    counts_host = [int(v) for v in counts.tolist()]
+    cond = torch.zeros((), dtype=dtype, device=f.device)
+    # With N > D the class blocks also sum the whole data's D x D Gram matrix.
+    whole = torch.zeros(f.shape[1], f.shape[1], dtype=dtype, device=f.device) if n > f.shape[1] else None
+    for ids, grams in class_gram_blocks(
+        f, y, counts_host, frame.shift, dtype, dual=True, total=whole, scale=frame.scale, centre=frame.centre
+    ):
         if g != 1.0:
-            whole *= g
-        score = _coding_rates(whole[None], counts.new_full((1,), n), eps_f)[0] - cond
-        return _finite(score, "TransRate", frame.size, "divide the features by a constant or raise eps")
+            grams *= g
+        cond = cond + (counts[ids] / n * _coding_rates(grams, counts[ids], eps_f)).sum()
+    if whole is None:  # N <= D: the N x N Gram matrix of all rows
+        for _, gram in class_gram_blocks(
+            f, torch.zeros_like(y), [n], frame.shift, dtype, dual=True, scale=frame.scale, centre=frame.centre
+        ):
+            whole = gram[0]
+    else:
+        whole = gram_full(whole)
+    assert whole is not None  # the loop above yields its one block
+    if g != 1.0:
+        whole *= g
+    return _coding_rates(whole[None], counts.new_full((1,), n), eps_f)[0] - cond
 
 
 # -- GBC -----------------------------------------------------------------------------
@@ -1152,6 +1223,12 @@ def gbc_from_moments(counts: Tensor, sums: Tensor, squares: Tensor, min_variance
     return -2 * total
 
 
+def gbc_compute(state: ClassMoments, min_variance: float) -> Tensor:
+    """GBC from its state: class counts, sums and sums of squares, in the units of ``state.scale``."""
+    assert state.squares is not None, "GBC's moments are summed with squares=True"
+    return gbc_from_moments(state.counts, state.sums, state.squares, min_variance, scale=state.scale)
+
+
 def gbc(
     features: Any,
     labels: Any,
@@ -1190,7 +1267,5 @@ def gbc(
     with torch.no_grad():
         # Diagonal covariances: one power of two per column (the floor is scaled with it).
         frame = make_frame(f, dtype, per_column=True, power=2)
-        m = _moments(f, inputs.targets, inputs.num_columns, dtype, frame, squares=True)
-        assert m.squares is not None  # squares=True
-        score = gbc_from_moments(m.counts, m.sums, m.squares, min_variance, scale=frame.scale)
-        return _finite(score, "GBC", frame.size)
+        moments = _moments(f, inputs.targets, inputs.num_columns, dtype, frame, squares=True)  # no held form
+        return _finite(gbc_compute(moments, min_variance), "GBC", frame.size)

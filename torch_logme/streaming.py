@@ -25,7 +25,7 @@ from torch import Tensor
 from ._checks import Inputs, as_tensor, check_class_count, prepare
 from ._options import ComputeOptions, LogMEOptions, logme_options
 from ._validators import boolean, one_of, positive_int
-from .functional import REDUCTIONS, check_magnitude, reduce_columns, solve_statistics
+from .functional import REDUCTIONS, check_magnitude, compute_evidence, reduce_columns
 from .sums import SufficientStatistics
 
 Device = Union[str, torch.device, None]
@@ -905,8 +905,8 @@ class LogMEAccumulator(SumAccumulator):
                     "features are all zero (rank 0), or too small in magnitude (below about 1e-150) for "
                     "float64 sums of squares; expected non-zero values"
                 )
-            evidence = solve_statistics(stats, self.options)
-            return reduce_columns(evidence, stats.target_sq, not self.regression, self.options, reduction)
+            evidence, counts = compute_evidence(stats, self.options)
+            return reduce_columns(evidence, counts, not self.regression, self.options, reduction)
 
     def compute(self, reduction: str = "mean") -> Tensor:  # type: ignore[override]
         """LogME of every batch so far: 0-dim ("mean", "sum") or [C] ("none")."""

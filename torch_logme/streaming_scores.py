@@ -5,8 +5,9 @@ only through sums over samples (see ``torch_logme.scores``), so each has an
 accumulator with the same ``update`` / ``compute`` / ``reset`` / ``merge`` /
 ``state_dict`` / ``sync`` design as :class:`torch_logme.LogMEAccumulator`:
 the states are those sums, summed (never averaged) across batches,
-accumulators and processes. ``compute()`` runs the same code as the
-functional score on them.
+accumulators and processes. ``update`` is the score's update stage and
+``compute()`` its compute stage (``<score>_compute`` in
+``torch_logme.scores``), the ones the functional form runs once.
 
 LEEP has no accumulator: its score is (1/N) sum_i log(theta_i . P(y_i | .)),
 and P(y | z) is the joint of *all* samples, so every sample's term depends
@@ -43,15 +44,15 @@ from .scores import (
     _rcond,
     class_gram_blocks,
     framed,
-    gbc_from_moments,
-    h_score_from_moments,
+    gbc_compute,
+    h_score_compute,
     log2_of,
     magnitude,
     nce_from_counts,
     pow2_scale,
-    regularized_h_score_from_moments,
+    regularized_h_score_compute,
     scale_band,
-    transrate_from_class_grams,
+    transrate_compute,
     work_dtype,
 )
 from .streaming import SumAccumulator, _check_labels_on_host, _state_device
@@ -567,7 +568,7 @@ class HScoreAccumulator(_FeatureSums):
         return dict(states, gram=states["gram"] * torch.outer(factor, factor), sums=states["sums"] * factor)
 
     def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
-        return h_score_from_moments(self._moments(states), self.rcond)
+        return h_score_compute(self._moments(states), self.rcond)
 
 
 class RegularizedHScoreAccumulator(HScoreAccumulator):
@@ -609,7 +610,7 @@ class RegularizedHScoreAccumulator(HScoreAccumulator):
         return out
 
     def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
-        return regularized_h_score_from_moments(self._moments(states), self.rcond)
+        return regularized_h_score_compute(self._moments(states), self.rcond)
 
 
 class TransRateAccumulator(_FeatureSums):
@@ -670,10 +671,8 @@ class TransRateAccumulator(_FeatureSums):
         return dict(states, class_grams=grams, sums=states["sums"] * factor)
 
     def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
-        log2_scale = 0.0 if scale is None else float(log2_of(scale[:1]))
-        return transrate_from_class_grams(
-            states["class_grams"], states["sums"], states["counts"], self.eps, log2_scale=log2_scale
-        )
+        moments = ClassMoments(states["counts"], states["sums"], scale=scale, class_grams=states["class_grams"])
+        return transrate_compute(moments, self.eps)
 
 
 class GBCAccumulator(_FeatureSums):
@@ -716,7 +715,6 @@ class GBCAccumulator(_FeatureSums):
         return dict(states, squares=states["squares"] * (factor * factor), sums=states["sums"] * factor)
 
     def _score(self, states: Mapping[str, Tensor], scale: Optional[Tensor]) -> Tensor:
-        return gbc_from_moments(
-            states["counts"], states["sums"], states["squares"], self.min_variance,
-            scale=None if scale is None else scale.to(states["sums"].device),
-        )
+        moments = self._moments(states)
+        moments.scale = None if scale is None else scale.to(states["sums"].device)
+        return gbc_compute(moments, self.min_variance)
