@@ -21,6 +21,7 @@ from score_table import TABLE
 RTOL = 1e-9
 NAMES = list(SCORES)
 STREAMING = [name for name in NAMES if SCORES[name].streams]
+COLLECTED = [name for name in NAMES if not SCORES[name].streams]
 SHAPES = {"N>D": (240, 12, 4), "N<D": (30, 48, 3)}
 
 
@@ -119,6 +120,39 @@ def test_accumulator_equals_functional(name, shape, device, dtype):
     assert _close(batched.compute(), want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", COLLECTED)
+def test_collecting_accumulator_equals_functional(name, shape, device):
+    """A score that cannot stream keeps its batches (collect=True): batched, merged, restored."""
+    x, y, _, _ = _inputs(name, shape, device, torch.float64)
+    want = SCORES[name].fn(x, y)
+    batched = accumulator(name, x.shape[1], collect=True)
+    for rows in batches(x.shape[0], [1, 7, 32]):
+        batched.update(x[rows], y[rows])
+    assert torch.equal(batched.compute(), want)  # the same rows, in the same order: the same arithmetic
+
+    half = x.shape[0] // 2
+    first, second = accumulator(name, x.shape[1], collect=True), accumulator(name, x.shape[1], collect=True)
+    first.update(x[:half], y[:half])
+    second.update(x[half:], y[half:])
+    assert torch.equal(first.merge(second).compute(), want)
+
+    resumed = accumulator(name, x.shape[1], collect=True)
+    resumed.load_state_dict(second.state_dict() | {"rows": x[:half], "labels": y[:half]})
+    resumed.update(x[half:], y[half:])
+    assert torch.equal(resumed.compute(), want)
+    with pytest.raises(ValueError, match="no tensor 'labels'"):
+        resumed.load_state_dict({"rows": x, "config": resumed.state_dict()["config"]})
+    assert torch.equal(resumed.compute(), want)  # a rejected load changed nothing
+    with pytest.raises(ValueError, match=r"must be \[B, "):
+        resumed.update(x[:, :-1], y)
+    with pytest.raises(TypeError, match="takes no option 'bogus'"):
+        accumulator(name, x.shape[1], collect=True, bogus=1)
+    resumed.reset()
+    with pytest.raises(ValueError, match="no batch yet"):
+        resumed.compute()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_inputs_raise_before_work(name, device):
     x, y, _, _ = _inputs(name, "N>D", device, torch.float64)
@@ -161,6 +195,13 @@ def _rank_scores(rank: int, out_dir: str) -> None:
             if i % 2 == rank:
                 acc.update(x[rows], y[rows])
         result[name] = acc.compute()
+    for name in COLLECTED:  # gathered, not summed: every rank scores every row
+        x, y, _, _ = _inputs(name, "N>D", "cpu", torch.float64)
+        acc = accumulator(name, x.shape[1], collect=True)
+        for i, rows in enumerate(batches(x.shape[0], [20])):
+            if i % 2 == rank:
+                acc.update(x[rows], y[rows])
+        result[name] = acc.compute()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -172,6 +213,9 @@ def test_two_ranks_equal_functional(tmp_path):
         for name in STREAMING:
             x, y, _, _ = _inputs(name, "N>D", "cpu", torch.float64)
             assert _close(got[name], SCORES[name].fn(x, y), rtol=1e-10), (rank, name)
+        for name in COLLECTED:  # rows in rank order, not batch order: the same set of samples
+            x, y, _, _ = _inputs(name, "N>D", "cpu", torch.float64)
+            assert torch.allclose(got[name], SCORES[name].fn(x, y), rtol=1e-10, atol=1e-12), (rank, name)
 
 
 

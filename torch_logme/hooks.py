@@ -90,22 +90,21 @@ def resolve_layers(model: nn.Module, layers: Union[Layer, Sequence[Layer]]) -> D
     return out
 
 
-def streaming_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+def checked_scores(scores: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     """Check ``scores`` (one name or a sequence of names) and return them as a tuple.
 
     Raises:
         TypeError: ``scores`` is neither a str nor a sequence of names.
-        ValueError: an unknown or repeated name, none at all, or a score that
-            does not stream (hooks see one batch at a time).
+        ValueError: an unknown or repeated name, or none at all.
+
+    A score that cannot stream is scored by a collecting accumulator, which
+    keeps every batch's features (see ``torch_logme.collecting``).
     """
     if not isinstance(scores, (str, Sequence)):
         raise TypeError(
             f"scores must be a score name or a sequence (list, tuple) of names, got {type(scores).__name__}"
         )
-    names = registry.score_names(scores)
-    for name in names:
-        registry.streaming_spec(name)  # hooks see one batch at a time
-    return names
+    return registry.score_names(scores)
 
 
 def _option_names(accepted: FrozenSet[str]) -> str:
@@ -125,7 +124,6 @@ def _score_options(
     unknown = [name for name in score_options if name not in names]
     if unknown:
         raise ValueError(f"score_options for scores not requested: {unknown}; requested: {list(names)}")
-    # Every name streams (streaming_scores checked): each has an accumulator class.
     # Under the caller's names: registry.accumulator maps num_classes to an accumulator's own name for it.
     accepted: Dict[str, FrozenSet[str]] = {
         name: frozenset(registry.accumulator_keywords(registry.get_score(name))) for name in names
@@ -171,7 +169,7 @@ def check_options(
     Args:
         on, transform: as for :class:`LayerScorer`.
         options: keywords for every score's accumulator.
-        scores: one score name or a sequence of names (see :func:`streaming_scores`).
+        scores: one score name or a sequence of names (see :func:`checked_scores`).
         score_options: score name -> keywords for that score's accumulator only.
         widths: the num_features values to validate the accumulators with.
 
@@ -190,11 +188,11 @@ def check_options(
     own = score_options.values() if isinstance(score_options, Mapping) else ()
     if "device" in options or any(isinstance(o, Mapping) and "device" in o for o in own):
         raise TypeError("device is not an option of score_layers: accumulators follow their features' device")
-    names = streaming_scores(scores)
+    names = checked_scores(scores)
     kwargs = _score_options(names, options, score_options)
     for name in names:
         for width in widths:
-            registry.accumulator(name, width, **kwargs[name])
+            registry.accumulator(name, width, collect=True, **kwargs[name])
     return kwargs
 
 
@@ -399,7 +397,7 @@ class LayerScorer:
         if d is None:
             d = features.shape[1]
         return {
-            score: registry.accumulator(score, d, device=features.device, **self._kwargs[score])
+            score: registry.accumulator(score, d, collect=True, device=features.device, **self._kwargs[score])
             for score in self.scores
         }
 

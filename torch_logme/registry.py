@@ -23,6 +23,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from torch import Tensor
 
 from ._checks import source_labels
+from ._validators import boolean
+from .collecting import CollectingAccumulator
+from .collecting import keywords as collecting_keywords
 from .functional import logme
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
 from .streaming import LogMEAccumulator
@@ -145,19 +148,22 @@ def streaming_spec(name: Any) -> ScoreSpec:
         what = "predictions" if spec.input == "probs" else "features"
         raise ValueError(
             f"score {name!r} does not stream ({spec.no_stream_reason or 'it needs every sample at once'}), so it "
-            f"has no accumulator; choose from {streaming}, or score stored {what} with torch_logme.{spec.fn.__name__}"
+            f"has no accumulator; choose from {streaming}, score stored {what} with torch_logme.{spec.fn.__name__}, "
+            "or pass collect=True to keep every batch (memory grows with the samples)"
         )
     return spec
 
 
 def accumulator_keywords(spec: ScoreSpec, *, keyword_only: bool = False) -> Tuple[str, ...]:
-    """The keywords a streaming score's accumulator takes after its first argument (the width).
+    """The keywords a score's accumulator takes after its first argument (the width).
 
-    ``keyword_only=True``: only its settings (dtype, check_inputs, the
-    score's own options), not the sizes it also takes positionally.
+    For a score that cannot stream: those of its collecting accumulator
+    (``accumulator(name, collect=True)``). ``keyword_only=True``: only its
+    settings (dtype, check_inputs, the score's own options), not the sizes
+    it also takes positionally.
     """
     if spec.accumulator_cls is None:
-        return ()
+        return collecting_keywords(spec)
     params = list(inspect.signature(spec.accumulator_cls).parameters.values())[1:]
     kinds = (inspect.Parameter.KEYWORD_ONLY,) if keyword_only else (
         inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -188,22 +194,30 @@ def shared_names(name: str, options: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def accumulator(name: str, num_features: Optional[int] = None, **options: Any) -> Any:
+def accumulator(name: str, num_features: Optional[int] = None, *, collect: bool = False, **options: Any) -> Any:
     """The streaming accumulator of the score ``name``.
 
     Args:
-        name: a key of ``SCORES`` whose score streams.
+        name: a key of ``SCORES`` whose score streams (any key with ``collect``).
         num_features: D, the width of the feature batches (feature scores:
             required); for NCE, the number of source classes (optional,
             grown from the data when None).
+        collect: for a score that cannot stream, a
+            :class:`~torch_logme.collecting.CollectingAccumulator`, which keeps
+            every batch (N x D values) and scores them all in ``compute()``.
+            Ignored for a score that streams.
         **options: the accumulator's own keywords (``num_classes``, ``dtype``,
             ``device``, ``sync_on_compute``, ``check_inputs`` and the score's
             settings).
 
     Every accumulator has ``update / compute / reset / merge / state_dict /
     load_state_dict / sync``. Raises ValueError for an unknown score, a
-    score that does not stream, or a missing ``num_features``.
+    score that does not stream (without ``collect``), or a missing
+    ``num_features``.
     """
+    boolean(collect, "collect")
+    if collect and not get_score(name).streams:
+        return CollectingAccumulator(get_score(name), num_features, **options)
     spec = streaming_spec(name)
     assert spec.accumulator_cls is not None  # streaming_spec checked it
     options = shared_names(name, options)
