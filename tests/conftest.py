@@ -109,3 +109,33 @@ def run_ranks(
                 if process.is_alive():
                     process.kill()
             pytest.fail(f"{world_size} ranks still running after {timeout:.0f} s: killed")
+
+
+def _two_terms(features, labels, **options):
+    """A stand-in pooled score: the H-score and GBC of the features, as two terms [2]."""
+    from torch_logme import gbc, h_score
+
+    return torch.stack([h_score(features, labels, **options), gbc(features, labels, **options)])
+
+
+def _min_max_sum(terms):
+    """Each term min-max scaled across the pool [M, T], then summed: [M]."""
+    low, high = terms.amin(0), terms.amax(0)
+    return ((terms - low) / (high - low)).sum(1)
+
+
+@pytest.fixture
+def pooled_score(monkeypatch) -> str:
+    """Registers "two_terms", a score normalised across the pool of models, for the test; returns its name."""
+    from types import MappingProxyType
+
+    from torch_logme import ranking, registry
+
+    spec = registry.ScoreSpec(
+        _two_terms, "features", True, "test", None, "two_terms", no_stream_reason="test",
+        terms=("h", "gbc"), combine=_min_max_sum,
+    )
+    scores = MappingProxyType({**registry.SCORES, spec.name: spec})
+    monkeypatch.setattr(registry, "SCORES", scores)
+    monkeypatch.setattr(ranking, "SCORES", scores)
+    return spec.name

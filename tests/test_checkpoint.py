@@ -251,3 +251,21 @@ def test_the_checkpoint_has_the_mode_torch_save_gives(tmp_path, umask):
     assert os.stat(tmp_path / "atomic.pt").st_mode & 0o777 == 0o640
     assert torch.equal(torch.load(tmp_path / "atomic.pt")["w"], torch.zeros(2))
     assert sorted(os.listdir(tmp_path)) == ["atomic.pt", "plain.pt"]
+
+
+def test_a_pooled_score_is_judged_against_the_earlier_epochs(tmp_path, pooled_score):
+    x, y = task()
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score=pooled_score)
+    values = []
+    for epoch in range(3):
+        train_epoch(model, epoch)
+        values.append(selector.step())
+    assert len(selector.terms) == 3 and all(len(t) == 2 for t in selector.terms)
+    pool = torch.tensor(selector.terms, dtype=torch.float64)
+    combined = ((pool - pool.amin(0)) / (pool.amax(0) - pool.amin(0))).sum(1)
+    assert values[-1] == pytest.approx(float(combined[-1]), rel=1e-12)
+    assert selector.best_epoch is not None and selector.path.exists()
+    restored = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score=pooled_score)
+    restored.load_state_dict(selector.state_dict())
+    assert restored.terms == selector.terms

@@ -338,3 +338,26 @@ def test_cli_unusable_device_is_one_line(files, capsys):
     assert status == 1
     assert err.startswith("torch-logme rank: error: device 'cuda:99' cannot be used")
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_pooled_score_is_combined_across_the_models_ranked(pooled_score):
+    from torch_logme import gbc, h_score
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 3, (90,), generator=gen)
+    models = {
+        f"m{i}": torch.randn(90, 6, generator=gen, dtype=torch.float64) + s * labels[:, None]
+        for i, s in enumerate([0.0, 0.5, 2.0, 1.0])
+    }
+    ranking = rank_models(models, labels, scores=[pooled_score, "logme"])
+    terms = torch.tensor([[float(h_score(f, labels)), float(gbc(f, labels))] for f in models.values()],
+                         dtype=torch.float64)
+    want = ((terms - terms.amin(0)) / (terms.amax(0) - terms.amin(0))).sum(1)
+    got = {e.name: e.scores for e in ranking}
+    for (name, _), value, (h, g) in zip(models.items(), want.tolist(), terms.tolist()):
+        assert got[name][pooled_score] == pytest.approx(value, rel=1e-12)
+        assert got[name][f"{pooled_score}.h"] == pytest.approx(h, rel=1e-12)
+        assert got[name][f"{pooled_score}.gbc"] == pytest.approx(g, rel=1e-12)
+    assert ranking.models == [list(models)[i] for i in torch.argsort(want, descending=True).tolist()]
+    assert "across the 4 models ranked" in str(ranking) and ranking.to_dict()["notes"]
+    assert ranking.to_dict()["ranking"][0][f"{pooled_score}.h"] is not None

@@ -183,9 +183,11 @@ class CheckpointSelector:
         self.history: List[Tuple[int, float]] = []
         self.best_epoch: Optional[int] = None
         self.best_score: Optional[float] = None
+        # A score normalised across a pool (spec.terms): every epoch's terms, the pool it is combined over.
+        self.terms: List[List[float]] = []
 
-    def score(self) -> float:
-        """The score of the layer's features over the loader, for the model as it is now."""
+    def _measure(self) -> Tensor:
+        """The score (0-dim) or, for a pooled score, its terms [T], for the model as it is now."""
         device = self.device or _model_device(self.model)
         was_training = self.model.training
         self.model.eval()
@@ -197,15 +199,43 @@ class CheckpointSelector:
             (value,) = scorer.compute().values()
         finally:
             self.model.train(was_training)
-        return float(value)
+        return value
+
+    def score(self) -> float:
+        """The score of the layer's features over the loader, for the model as it is now.
+
+        For a score normalised across a pool of models (``SCORES[name].terms``),
+        the pool is this epoch and every earlier one: its value combined with
+        theirs, as ``rank_models`` combines models.
+        """
+        return self._pooled(self._measure())[0]
+
+    def _pooled(self, value: Tensor) -> Tuple[float, Optional[List[float]]]:
+        """(this epoch's score, the terms to keep, or None for a plain score)."""
+        if not self.spec.pooled:
+            return float(value), None
+        assert self.spec.combine is not None  # a pooled spec has one
+        terms = [float(v) for v in value.tolist()]
+        pool = torch.tensor(self.terms + [terms], dtype=torch.float64)
+        return float(self.spec.combine(pool)[-1]), terms
 
     def step(self, epoch: Optional[int] = None) -> float:
-        """Score the model for ``epoch`` (default: the next number), save it if it is the best so far."""
+        """Score the model for ``epoch`` (default: the next number), save it if it is the best so far.
+
+        With a score normalised across a pool, "best so far" is judged with
+        the pool as it is now (this epoch and the earlier ones); an earlier
+        epoch's saved score is not revised when later epochs move the pool.
+        """
         if epoch is None:
             epoch = self.history[-1][0] + 1 if self.history else 0
-        value = self.score()
-        self.history.append((epoch, value))
+        value, terms = self._pooled(self._measure())
         best = self.best_score
+        if terms is not None:
+            self.terms.append(terms)
+            pool = self.spec.combine(torch.tensor(self.terms, dtype=torch.float64)).tolist()  # type: ignore[misc]
+            earlier = [v for v in pool[:-1] if not math.isnan(v)]
+            best = (max(earlier) if self.spec.larger_is_better else min(earlier)) if earlier else None
+        self.history.append((epoch, value))
         # A NaN best is no best: nothing beats NaN, so keeping it would never save again.
         if not math.isnan(value) and (best is None or math.isnan(best) or self._better(value, best)):
             atomic_save(self.model.state_dict(), self.path)
@@ -219,7 +249,7 @@ class CheckpointSelector:
     def state_dict(self) -> Dict[str, Any]:
         """History and best so far, and the score's name, to resume selection after a restart."""
         return {"history": list(self.history), "best_epoch": self.best_epoch, "best_score": self.best_score,
-                "score": self.score_name}
+                "score": self.score_name, "terms": [list(t) for t in self.terms]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (a state without a score's name is taken as this score's).
@@ -235,6 +265,7 @@ class CheckpointSelector:
                 "its best score is not comparable"
             )
         self.history = [(int(e), float(s)) for e, s in state["history"]]
+        self.terms = [[float(v) for v in t] for t in state.get("terms", [])]
         best_epoch, best_score = state["best_epoch"], state["best_score"]
         if best_score is not None and math.isnan(float(best_score)):
             best_epoch, best_score = None, None

@@ -54,10 +54,13 @@ class Ranking:
 
     ``str(ranking)`` is a table in that order; ``ranking.models`` the names;
     ``ranking.to_dict()`` a JSON-ready dict. Iterating gives RankedModel rows.
+    ``notes``: how scores normalised across the pool of models were combined
+    (their rows also hold each term, as "<score>.<term>").
     """
 
     scores: Tuple[str, ...]
     entries: Tuple[RankedModel, ...]
+    notes: Tuple[str, ...] = ()
 
     @property
     def models(self) -> List[str]:
@@ -89,9 +92,10 @@ class Ranking:
             "scores": list(self.scores),
             "larger_is_better": {s: SCORES[s].larger_is_better for s in self.scores},
             "ranking": [
-                {"rank": e.rank, "model": e.name, **{s: clean(e.scores[s]) for s in self.scores}}
+                {"rank": e.rank, "model": e.name, **{s: clean(v) for s, v in e.scores.items()}}
                 for e in self.entries
             ],
+            "notes": list(self.notes),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -110,6 +114,7 @@ class Ranking:
         direction = "larger is better" if SCORES[self.scores[0]].larger_is_better else "smaller is better"
         out = [f"ranked by {self.scores[0]} ({direction}), best first", line(header), "-" * len(line(header))]
         out += [line(r) for r in rows]
+        out += [f"note: {note}" for note in self.notes]
         return "\n".join(out)
 
 
@@ -174,18 +179,34 @@ def rank_models(
         raise ValueError(f"score_options for scores not requested: {sorted(unknown)}")
 
     table: List[Dict[str, float]] = []
+    terms: Dict[str, List[Tensor]] = {s: [] for s in names if SCORES[s].pooled}
     for name, model in models:
         row = {}
         for s in names:
             spec = SCORES[s]
             value = _score_input(name, model, s)
             try:
-                row[s] = float(spec.fn(value, labels, dtype=dtype, device=device, **options[s]))
+                out = spec.fn(value, labels, dtype=dtype, device=device, **options[s])
             except (ValueError, TypeError, torch.linalg.LinAlgError) as err:
                 # LinAlgError (a RuntimeError) is the model's input too, e.g. features a
                 # factorization cannot take: report it as the model's, like a ValueError.
                 raise ModelScoreError(name, s, str(err)) from err
+            if spec.pooled:  # combined across the models below, once all are scored
+                terms[s].append(out.detach().to("cpu", torch.float64))
+                row.update({f"{s}.{term}": float(v) for term, v in zip(spec.terms, out.tolist())})
+            else:
+                row[s] = float(out)
         table.append(row)
+    notes = []
+    for s, per_model in terms.items():
+        spec = SCORES[s]
+        assert spec.combine is not None  # a pooled spec has one
+        for row, v in zip(table, spec.combine(torch.stack(per_model)).tolist()):
+            row[s] = float(v)
+        notes.append(
+            f"{s} combines its terms ({', '.join(spec.terms)}) across the {len(models)} models ranked here, as "
+            "its published code does: its values change with the set of models"
+        )
 
     first = names[0]
     sign = -1.0 if SCORES[first].larger_is_better else 1.0
@@ -196,7 +217,7 @@ def rank_models(
 
     order = sorted(range(len(models)), key=key)  # stable: ties keep the input order
     entries = tuple(RankedModel(r + 1, models[i][0], table[i]) for r, i in enumerate(order))
-    return Ranking(names, entries)
+    return Ranking(names, entries, tuple(notes))
 
 
 # -- the `rank` command ------------------------------------------------------------
