@@ -25,6 +25,12 @@ keep their size however often it is called.
 torchmetrics states have fixed shapes, so every size of the sums (the
 number of classes; for a score of source-class predictions, also the
 number of source classes) must be given up front.
+
+A score that cannot stream (``SCORES[name].streams`` is False) has no sums:
+``TransferabilityMetric(name, ...)`` then gives a :class:`CollectedScoreMetric`,
+which keeps every batch in list states (gathered with ``"cat"`` across
+processes, as torchmetrics' own ranking metrics do) and scores them all in
+``compute``; its memory grows with the number of samples.
 """
 from __future__ import annotations
 
@@ -42,11 +48,12 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "torch_logme.integrations.torchmetrics needs torchmetrics: pip install 'torch_logme[torchmetrics]'"
     ) from err
 
+from ..collecting import CollectingAccumulator
 from ..functional import REDUCTIONS
-from ..registry import accumulator_keywords, streaming_spec
+from ..registry import SCORES, accumulator_keywords, get_score, streaming_spec
 from ..streaming import SumAccumulator
 
-__all__ = ["TransferabilityMetric", "LogMEMetric"]
+__all__ = ["TransferabilityMetric", "LogMEMetric", "CollectedScoreMetric"]
 
 #: Accumulator keywords the metric sets itself: states move with ``.to()``, and torchmetrics syncs.
 _METRIC_OWNED = ("device", "sync_on_compute")
@@ -101,6 +108,13 @@ class TransferabilityMetric(Metric):
     is_differentiable = False
     higher_is_better: Optional[bool] = None  # set per instance from the score's spec
     full_state_update = False
+
+    def __new__(cls, score: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # A score without sums is kept batch by batch: a metric of another kind, built here.
+        spec = SCORES.get(score) if isinstance(score, str) else None
+        if cls is TransferabilityMetric and spec is not None and not spec.streams:
+            return CollectedScoreMetric(score, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -409,3 +423,78 @@ class LogMEMetric(TransferabilityMetric):
     def update(self, features: Any, targets: Any) -> None:
         """Add a batch: features [B, D]; labels [B] in [0, C), or targets [B] / [B, K]."""
         super().update(features, targets)
+
+
+class CollectedScoreMetric(Metric):
+    """A registered score that cannot stream, as a torchmetrics metric: every batch kept, scored at ``compute``.
+
+    ``TransferabilityMetric(score, ...)`` gives one for such a score. The
+    rows [B, W] and labels [B] of every batch are list states, gathered
+    across processes by torchmetrics (``"cat"``); ``compute()`` equals
+    ``SCORES[score].fn`` on all of them. Memory: every row, N x W values.
+
+    Args:
+        score: a key of ``torch_logme.SCORES``.
+        num_features: the width W of the batches (checked on update); None:
+            the first batch's.
+        num_classes: accepted for a signature like ``TransferabilityMetric``'s;
+            the labels set the classes.
+        dtype: the compute precision of the score.
+        **kwargs: the score's own options (its functional form's keywords)
+            and torchmetrics ``Metric`` options.
+    """
+
+    is_differentiable = False
+    higher_is_better: Optional[bool] = None
+    full_state_update = False
+
+    def __init__(
+        self, score: str, num_features: Optional[int] = None, num_classes: Optional[int] = None, *,
+        dtype: torch.dtype = torch.float64, **kwargs: Any,
+    ) -> None:
+        spec = get_score(score)
+        own = tuple(k for k in accumulator_keywords(spec) if k not in ("dtype",) + _METRIC_OWNED)
+        options = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        name = f"TransferabilityMetric(score={score!r})"
+        try:
+            super().__init__(**kwargs)
+        except ValueError as err:
+            if "Unexpected keyword" not in str(err):
+                raise
+            raise ValueError(f"{name}: {err}; the score's options are: {', '.join(own)}") from err
+        # The checks and the scoring are the collecting accumulator's; the metric only keeps the batches.
+        self._checker = CollectingAccumulator(spec, num_features, dtype=dtype, sync_on_compute=False, **options)
+        object.__setattr__(self, "higher_is_better", spec.larger_is_better)
+        self.score, self.spec, self.num_features, self.num_classes = score, spec, num_features, num_classes
+        self.add_state("rows", [], dist_reduce_fx="cat")
+        self.add_state("labels", [], dist_reduce_fx="cat")
+
+    def update(self, inputs: Any, targets: Any) -> None:
+        """Keep a batch: rows [B, W] (features, or source-class probabilities) and class ids [B]."""
+        rows, labels = self._checker.check_batch(inputs, targets, self.device)
+        kept_rows: Any = self.rows  # a list state (torchmetrics types states as modules or tensors)
+        width = kept_rows[0].shape[1] if kept_rows else None
+        if width is not None and rows.shape[1] != width:
+            raise ValueError(f"inputs must be [B, {width}] as in earlier batches, got shape {tuple(rows.shape)}")
+        kept_rows.append(rows.detach().clone())
+        kept_labels: Any = self.labels
+        kept_labels.append(labels.detach().clone())
+
+    def compute(self) -> Tensor:
+        """The score of every batch since the last reset (of every process, once torchmetrics has synced)."""
+        kept: List[Tensor] = []
+        states: Tuple[Any, Any] = (self.rows, self.labels)
+        for value in states:  # lists, or tensors once synced
+            if isinstance(value, Tensor):
+                kept.append(value)
+            elif value:
+                kept.append(torch.cat(list(value)))
+        if len(kept) != 2:
+            raise ValueError(f"{self.score}: no batch yet; call update() first")
+        rows, labels = kept
+        acc = copy.copy(self._checker)
+        acc._rows, acc._labels = [rows], [labels]
+        return acc.compute()
+
+    def extra_repr(self) -> str:
+        return f"score={self.score!r}, num_features={self.num_features}"
