@@ -572,3 +572,13 @@ def test_readme_example_runs_and_prints_what_it_shows(capsys):
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     out = capsys.readouterr().out
     assert out.startswith(shown), out
+
+
+def test_the_module_does_not_import_scipy_or_pandas_at_load():
+    import ast
+
+    tree = ast.parse(Path(ev.__file__).read_text(encoding="utf-8"))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
+    assert not names & {"scipy", "pandas"}
