@@ -3,12 +3,15 @@
 ``logme(features, labels)`` scores how well features [N, D] from a
 pre-trained model suit a labelled task; ``LogME`` is a drop-in for the
 published estimator. ``SCORES`` holds every score by name and
-``accumulator(name, ...)`` streams any of them. ``torch_logme.reference`` holds the numpy reference of
+``accumulator(name, ...)`` streams any of them. ``evaluate_scores`` checks
+scores against fine-tuning results (``weighted_tau`` and other rank
+correlations). ``torch_logme.reference`` holds the numpy reference of
 the published algorithms (imported on demand).
 """
 from ._checks import relabel
 from ._extension import extension_available
 from .estimator import LogME
+from .evaluation import Evaluation, evaluate_scores, weighted_tau
 from .functional import logme
 from .ranking import Ranking, rank_models
 from .registry import SCORES, ScoreSpec, accumulator
@@ -31,6 +34,8 @@ __all__ = [
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
     "rank_models", "Ranking", "relabel",
+    # checking scores against fine-tuning results
+    "weighted_tau", "evaluate_scores", "Evaluation",
     # every score by name
     "SCORES", "ScoreSpec", "accumulator",
 ]

@@ -4,6 +4,9 @@ Commands:
     demo    rank feature extractors on the bundled digits data and check the
             ranking against linear-probe accuracy.
     rank    rank models by transferability scores of their saved features.
+    evaluate
+            check scores against fine-tuning results (weighted Kendall tau and
+            other rank correlations) from two CSV files.
 
 Each command is a ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``func``, a callable taking the parsed arguments and returning
@@ -98,7 +101,58 @@ def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_run_rank)
 
 
-_COMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [_add_demo, _add_rank]
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from torch_logme.evaluation import evaluate_files
+    from torch_logme.ranking import InputFileError
+
+    smaller, larger = args.smaller_is_better or [], args.larger_is_better or []
+    both = sorted(set(smaller) & set(larger))
+    if both:
+        print(f"torch-logme evaluate: error: {', '.join(both)}: given to both --smaller-is-better and "
+              "--larger-is-better", file=sys.stderr)
+        return 1
+    direction = {**{s: False for s in smaller}, **{s: True for s in larger}}
+    try:
+        evaluation = evaluate_files(args.scores, args.ground_truth, larger_is_better=direction)
+    except (InputFileError, ValueError, TypeError, OSError) as err:
+        # As for `rank`: bad files are the user's to fix, so one line that names the file, no traceback.
+        print(f"torch-logme evaluate: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = evaluation.to_dict()
+        out["files"] = {"scores": args.scores, "ground_truth": args.ground_truth}
+        print(json.dumps(out, indent=2))
+    else:
+        print(evaluation)
+    return 0
+
+
+def _add_evaluate(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="check transferability scores against fine-tuning results (two CSV files)",
+        description=(
+            "For each score, measure how well it orders the models as their fine-tuned accuracy does: "
+            "weighted Kendall tau (as scipy.stats.weightedtau), Kendall's tau-b, Spearman's rho, and "
+            "whether it picks the best model (top1). SCORES.csv has a header row with the columns "
+            "task (optional), model, then one column per score; GROUND_TRUTH.csv has task (optional), "
+            "model and one value column, e.g. accuracy. Both files have a task column, or neither; "
+            "with one, the table also gives the mean over tasks. A registered score (see rank --score) "
+            "follows its own direction, any other column is taken as larger is better."
+        ),
+    )
+    p.add_argument("scores", metavar="SCORES.csv", help="columns: task (optional), model, one column per score")
+    p.add_argument("ground_truth", metavar="GROUND_TRUTH.csv", help="columns: task (optional), model, accuracy")
+    p.add_argument("--smaller-is-better", action="extend", nargs="+", metavar="NAME",
+                   help="score column(s) where a smaller value predicts a better model")
+    p.add_argument("--larger-is-better", action="extend", nargs="+", metavar="NAME",
+                   help="score column(s) where a larger value predicts a better model (the default "
+                        "for any score that is not registered)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.set_defaults(func=_run_evaluate)
+
+
+_COMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [_add_demo, _add_rank, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
