@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_logme import logme
+from torch_logme.evaluation import kendall_tau  # tau-b as scipy computes it (kept here as demo.kendall_tau)
 
 __all__ = [
     "DemoResult",
@@ -235,24 +236,6 @@ def linear_probe_accuracy(
     with torch.no_grad():
         pred = (f_test @ w + b).argmax(1)
         return (pred == labels[test_idx]).double().mean().item()
-
-
-def kendall_tau(a: "list[float] | np.ndarray", b: "list[float] | np.ndarray") -> float:
-    """Kendall's tau-b rank correlation between two equally long sequences.
-
-    Counts concordant minus discordant pairs; tau-b's denominator corrects for
-    ties (two extractors with the same probe accuracy are common on a small
-    test split). Returns nan when either sequence is constant.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"kendall_tau needs two 1-D sequences of equal length, got {a.shape} and {b.shape}")
-    iu = np.triu_indices(a.size, k=1)
-    da = np.sign(a[:, None] - a[None, :])[iu]
-    db = np.sign(b[:, None] - b[None, :])[iu]
-    denom = math.sqrt(np.count_nonzero(da) * np.count_nonzero(db))
-    return float(np.sum(da * db) / denom) if denom > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------
