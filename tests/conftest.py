@@ -119,9 +119,10 @@ def _two_terms(features, labels, **options):
 
 
 def _min_max_sum(terms):
-    """Each term min-max scaled across the pool [M, T], then summed: [M]."""
+    """Each term min-max scaled across the pool [M, T], then summed: [M]; a term equal across the pool adds 0."""
     low, high = terms.amin(0), terms.amax(0)
-    return ((terms - low) / (high - low)).sum(1)
+    spread = high - low
+    return torch.where(spread > 0, (terms - low) / torch.where(spread > 0, spread, 1), 0).sum(1)
 
 
 @pytest.fixture

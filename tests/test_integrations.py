@@ -248,3 +248,37 @@ def test_score_callback_arguments(monkeypatch):
         ScoreCallback("features", score="gbc", score_options={"logme": {}})
     with pytest.raises(TypeError, match="use ScoreCallback"):
         LogMECallback("features", score="gbc")
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # Lightning's own use of a torch API
+def test_score_callback_combines_a_pooled_score_across_epochs(tmp_path, pooled_score):
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch_logme import gbc, h_score
+    from torch_logme.integrations.lightning import ScoreCallback
+
+    from test_checkpoint import SCHEDULE, task
+
+    x, y = task(n=96)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    model = _lightning_module(pl, SCHEDULE)
+    callback = ScoreCallback("features", score=pooled_score)
+    trainer = pl.Trainer(
+        max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2,
+        default_root_dir=tmp_path, callbacks=[callback],
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(model, train_dataloaders=loader, val_dataloaders=loader)
+    terms = []
+    for epoch, score in callback.history:
+        with torch.no_grad():
+            feats = x @ SCHEDULE[epoch].T + model.features.bias
+        terms.append([float(h_score(feats, y)), float(gbc(feats, y))])
+        pool = torch.tensor(terms, dtype=torch.float64)
+        want = ((pool - pool.amin(0)) / (pool.amax(0) - pool.amin(0))).sum(1)[-1]
+        if epoch == 0:  # a pool of one: every term equal across it adds 0
+            assert score == 0
+        else:
+            assert score == pytest.approx(float(want), rel=1e-6)
+    assert len(callback.state_dict()["terms"]) == 3

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
+from ._pool import TermPool
 from .hooks import Layer, LayerScorer
 from .registry import DEFAULT_SCORE
 
@@ -184,7 +185,7 @@ class CheckpointSelector:
         self.best_epoch: Optional[int] = None
         self.best_score: Optional[float] = None
         # A score normalised across a pool (spec.terms): every epoch's terms, the pool it is combined over.
-        self.terms: List[List[float]] = []
+        self._pool = TermPool(self.spec)
 
     def _measure(self) -> Tensor:
         """The score (0-dim) or, for a pooled score, its terms [T], for the model as it is now."""
@@ -208,16 +209,13 @@ class CheckpointSelector:
         the pool is this epoch and every earlier one: its value combined with
         theirs, as ``rank_models`` combines models.
         """
-        return self._pooled(self._measure())[0]
+        value = self._measure()
+        return self._pool.combined(value)[-1] if self.spec.pooled else float(value)
 
-    def _pooled(self, value: Tensor) -> Tuple[float, Optional[List[float]]]:
-        """(this epoch's score, the terms to keep, or None for a plain score)."""
-        if not self.spec.pooled:
-            return float(value), None
-        assert self.spec.combine is not None  # a pooled spec has one
-        terms = [float(v) for v in value.tolist()]
-        pool = torch.tensor(self.terms + [terms], dtype=torch.float64)
-        return float(self.spec.combine(pool)[-1]), terms
+    @property
+    def terms(self) -> List[List[float]]:
+        """For a pooled score: every scored epoch's terms (empty otherwise)."""
+        return self._pool.terms
 
     def step(self, epoch: Optional[int] = None) -> float:
         """Score the model for ``epoch`` (default: the next number), save it if it is the best so far.
@@ -228,13 +226,15 @@ class CheckpointSelector:
         """
         if epoch is None:
             epoch = self.history[-1][0] + 1 if self.history else 0
-        value, terms = self._pooled(self._measure())
+        measured = self._measure()
         best = self.best_score
-        if terms is not None:
-            self.terms.append(terms)
-            pool = self.spec.combine(torch.tensor(self.terms, dtype=torch.float64)).tolist()  # type: ignore[misc]
+        if self.spec.pooled:
+            pool = self._pool.add(measured)
+            value = pool[-1]
             earlier = [v for v in pool[:-1] if not math.isnan(v)]
             best = (max(earlier) if self.spec.larger_is_better else min(earlier)) if earlier else None
+        else:
+            value = float(measured)
         self.history.append((epoch, value))
         # A NaN best is no best: nothing beats NaN, so keeping it would never save again.
         if not math.isnan(value) and (best is None or math.isnan(best) or self._better(value, best)):
@@ -265,7 +265,7 @@ class CheckpointSelector:
                 "its best score is not comparable"
             )
         self.history = [(int(e), float(s)) for e, s in state["history"]]
-        self.terms = [[float(v) for v in t] for t in state.get("terms", [])]
+        self._pool.terms = [[float(v) for v in t] for t in state.get("terms", [])]
         best_epoch, best_score = state["best_epoch"], state["best_score"]
         if best_score is not None and math.isnan(float(best_score)):
             best_epoch, best_score = None, None

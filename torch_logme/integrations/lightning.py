@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         ) from err
 
 from .. import registry
+from .._pool import TermPool
 from ..hooks import LayerScorer, check_options
 from ..registry import DEFAULT_SCORE
 
@@ -101,6 +102,8 @@ class ScoreCallback(pl.Callback):
         )
         self.history: List[Tuple[int, float]] = []
         self._scorer: Optional[LayerScorer] = None
+        # A score normalised across a pool (spec.terms) is combined across the epochs so far.
+        self._pool = TermPool(registry.get_score(score))
 
     @property
     def state_key(self) -> str:
@@ -138,7 +141,7 @@ class ScoreCallback(pl.Callback):
             )
             return
         (value,) = scorer.compute().values()  # sums across ranks when distributed
-        score = float(value)
+        score = self._pool.add(value)[-1] if self._pool.spec.pooled else float(value)
         self.history.append((trainer.current_epoch, score))
         # Already the same on every rank: no sync_dist needed.
         pl_module.log(self.key, score, prog_bar=self.prog_bar, sync_dist=False)
@@ -156,10 +159,11 @@ class ScoreCallback(pl.Callback):
 
     # -- checkpointed state --------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "terms": [list(t) for t in self._pool.terms]}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.history = [(int(e), float(s)) for e, s in state_dict.get("history", [])]
+        self._pool.terms = [[float(v) for v in t] for t in state_dict.get("terms", [])]
 
 
 class LogMECallback(ScoreCallback):
