@@ -120,8 +120,8 @@ def machine_header() -> str:
     return "\n".join(lines)
 
 
-def time_interleaved(fns: dict[str, Callable[[], float]], repeat: int,
-                     budget_s: float) -> dict[str, tuple[float, float, int]]:
+def time_interleaved(fns: dict[str, Callable[[], float]], repeat: int, budget_s: float,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, tuple[float, float, int]]:
     """Time each of ``fns`` up to ``repeat`` times, one round of all at a time.
 
     Returns {name: (median seconds, last result, runs)}. Interleaving the
@@ -130,7 +130,9 @@ def time_interleaved(fns: dict[str, Callable[[], float]], repeat: int,
     stops repeating once ``budget_s`` seconds were spent on it, so the slow
     reference (tens of seconds per call at C = 1000) is timed once while the
     fast cells get the full ``repeat``. Each function must block until its
-    work is done (synchronize for CUDA) and return the score.
+    work is done (synchronize for CUDA) and return the score. ``clock`` is
+    wall time by default; ``time.thread_time`` (CPU time of this thread) leaves
+    out the time other processes take from a single-threaded CPU run.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     results: dict[str, float] = {}
@@ -138,9 +140,9 @@ def time_interleaved(fns: dict[str, Callable[[], float]], repeat: int,
         for name, fn in fns.items():
             if times[name] and sum(times[name]) >= budget_s:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             results[name] = fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: (statistics.median(ts), results[name], len(ts)) for name, ts in times.items()}
 
 
