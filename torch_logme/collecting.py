@@ -28,7 +28,7 @@ from torch import Tensor
 from ._checks import as_tensor, prepare
 from ._options import compute_options
 from ._validators import positive_int
-from .streaming import _default_device, _distributed_ready
+from .streaming import OwnLock, _default_device, _distributed_ready
 
 __all__ = ["CollectingAccumulator"]
 
@@ -36,7 +36,7 @@ __all__ = ["CollectingAccumulator"]
 _OWN = ("dtype", "device")
 
 
-class CollectingAccumulator:
+class CollectingAccumulator(OwnLock):
     """Keeps every batch's rows [B, D] and labels [B]; ``compute()`` scores them all at once.
 
     Args:
@@ -232,16 +232,6 @@ class CollectingAccumulator:
         keep = [h[0] for h in table]
         return (torch.cat([r[:k] for r, k in zip(all_rows, keep)]),
                 torch.cat([y[:k] for y, k in zip(all_labels, keep)]))
-
-    # A lock cannot be pickled or deep-copied.
-    def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
 
 
 #: The dtypes rows can have after ``prepare`` (unsigned ones are widened), by their code in the header.

@@ -55,7 +55,22 @@ def _default_device(hint: Optional[torch.device] = None) -> torch.device:
     return torch.device("cpu")
 
 
-class SumAccumulator:
+class OwnLock:
+    """Gives copies a lock of their own: a lock cannot be pickled or deep-copied (torchmetrics clones, pickles)."""
+
+    _lock: Any
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+
+class SumAccumulator(OwnLock):
     """Named tensors that are sums over samples, with merge / state_dict / sync.
 
     Subclasses list their states in ``_AXES`` (name -> the names of the
@@ -143,16 +158,6 @@ class SumAccumulator:
         # Every score's own update becomes atomic and locked here, once, instead of in each subclass.
         if "update" in cls.__dict__:
             cls.update = _atomic_update(cls.__dict__["update"])  # type: ignore[attr-defined]
-
-    # A lock cannot be pickled or deep-copied: copies (torchmetrics clones, pickles) get a lock of their own.
-    def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.RLock()
 
     def _snapshot(self) -> Dict[str, Any]:
         """The attributes a failed update restores (the containers copied; their tensors are not)."""

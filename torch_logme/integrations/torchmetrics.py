@@ -59,6 +59,25 @@ __all__ = ["TransferabilityMetric", "LogMEMetric", "CollectedScoreMetric"]
 _METRIC_OWNED = ("device", "sync_on_compute")
 
 
+def _init_metric(metric: Metric, spec: Any, kwargs: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """Initialise ``metric`` as a torchmetrics Metric with ``kwargs`` less the score's own options, returned.
+
+    The metric's explicit arguments (dtype, check_inputs) and the keywords it
+    sets itself are not the score's options here; anything neither the score
+    nor torchmetrics takes is a ValueError listing the score's options.
+    """
+    owned = ("dtype", "check_inputs") + _METRIC_OWNED
+    own = tuple(k for k in accumulator_keywords(spec, keyword_only=True) if k not in owned)
+    options = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+    try:
+        Metric.__init__(metric, **kwargs)
+    except ValueError as err:
+        if "Unexpected keyword" not in str(err):
+            raise
+        raise ValueError(f"{name}: {err}; the score's options are: {', '.join(own)}") from err
+    return options
+
+
 def _device_only(fn: Callable[[Tensor], Tensor], value: Tensor) -> Tensor:
     """``fn(value)`` when it keeps the dtype; else ``value`` moved where ``fn`` sent it, dtype unchanged."""
     moved = fn(value)
@@ -133,14 +152,7 @@ class TransferabilityMetric(Metric):
             raise ValueError(f"{name}: {err}") from None
         cls = spec.accumulator_cls
         assert cls is not None  # streaming_spec checked it
-        own = tuple(k for k in accumulator_keywords(spec, keyword_only=True) if k not in _METRIC_OWNED)
-        options = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
-        try:
-            super().__init__(**kwargs)
-        except ValueError as err:
-            if "Unexpected keyword" not in str(err):
-                raise
-            raise ValueError(f"{name}: {err}; the score's options are: {', '.join(own)}") from err
+        options = _init_metric(self, spec, kwargs, name)
         if num_features is None:
             width = ("D, the width of the feature batches" if spec.input == "features"
                      else "Cs, the number of source classes (the width of the probability batches)")
@@ -453,15 +465,7 @@ class CollectedScoreMetric(Metric):
         dtype: torch.dtype = torch.float64, **kwargs: Any,
     ) -> None:
         spec = get_score(score)
-        own = tuple(k for k in accumulator_keywords(spec) if k not in ("dtype",) + _METRIC_OWNED)
-        options = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
-        name = f"TransferabilityMetric(score={score!r})"
-        try:
-            super().__init__(**kwargs)
-        except ValueError as err:
-            if "Unexpected keyword" not in str(err):
-                raise
-            raise ValueError(f"{name}: {err}; the score's options are: {', '.join(own)}") from err
+        options = _init_metric(self, spec, kwargs, f"TransferabilityMetric(score={score!r})")
         # The checks and the scoring are the collecting accumulator's; the metric only keeps the batches.
         self._checker = CollectingAccumulator(spec, num_features, dtype=dtype, sync_on_compute=False, **options)
         object.__setattr__(self, "higher_is_better", spec.larger_is_better)
