@@ -46,9 +46,10 @@ MIN_SHRINKAGE = 1e-10
 #: scikit-learn's LDA tolerance: whitened within-class singular values at or below it, and
 #: between-class ones at or below it times the largest, are dropped.
 LDA_TOL = 1e-4
-#: Singular values of the PCA scores at or below ROUNDOFF * max(N, D) * eps * the largest are
-#: round-off of an exact 0 (rank-deficient features; the N-th when N <= D): those components are 0.
-ROUNDOFF = 16
+#: Singular values of the PCA scores at or below ROUNDOFF * max(N, D) * eps * the largest (numpy's
+#: matrix_rank rule) are round-off of an exact 0 (rank-deficient features; the N-th when N <= D):
+#: those components are 0.
+ROUNDOFF = 1
 #: Eigenvalues of the D x D Gram matrix below TRUST * D * eps * the largest carry too few digits to
 #: rank their directions; when the k kept components reach down to them, those directions are
 #: ranked again from an SVD of the features projected on them.

@@ -613,9 +613,11 @@ def _shrunk_towards_trace(s: np.ndarray, shrinkage: float) -> np.ndarray:
 
 def largest_eigenvalue(a: np.ndarray, iterations: Optional[int]) -> float:
     """lambda_max of a symmetric PSD matrix: ``iterations`` rounds of the published power iteration
-    (from a 1, two products a round), or exact (None, or a start that vanishes)."""
-    if iterations is not None:
-        v = a.sum(axis=1)
+    (from a 1, two products a round), or exact (None, or a start that vanishes to round-off)."""
+    v = a.sum(axis=1)
+    # a 1 = 0 up to the round-off of its sums: the iteration has no start.
+    if iterations is not None and np.linalg.norm(v) > a.shape[0] * np.finfo(np.float64).eps * np.linalg.norm(
+            np.abs(a).sum(axis=1)):
         with np.errstate(invalid="ignore", divide="ignore"):
             for _ in range(iterations):
                 u = a @ v
@@ -708,8 +710,8 @@ NCTI_VARIANCE_COMPONENTS = 32
 NCTI_MIN_SHRINKAGE = 1e-10
 LDA_TOL = 1e-4
 #: Singular values of the centred features at or below this many times max(N, D) eps times the
-#: largest are round-off of an exact 0: their components are 0.
-_PCA_ROUNDOFF = 16
+#: largest (numpy's matrix_rank rule) are round-off of an exact 0: their components are 0.
+_PCA_ROUNDOFF = 1
 
 
 def _pca_scores(f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ from ._checks import prepare
 from ._primitives import add_gram_, add_rows_, gram_full, present_classes, row_chunks
 from ._validators import boolean, positive_int
 from .scores import Device, _check_classes, _finite, _resolvable, _resolve, framed, make_frame
+from .sums import CONSTANT_COLUMN_EPS
 
 __all__ = ["sfda", "SHRINKAGE_RATE", "MIN_SHRINKAGE", "POWER_ITERATIONS"]
 
@@ -53,13 +54,16 @@ def largest_eigenvalue(a: Tensor, iterations: Optional[int]) -> float:
 
     ``iterations`` rounds of the published power iteration: from v = a 1,
     u = a v / |a v|, v = a u / |a u| each round, then v^T a u. None, or a
-    start that vanishes (a 1 = 0, e.g. features whose rows sum to a constant
-    within each class, where the published code returns NaN), gives the
-    exact value from an eigendecomposition.
+    start that vanishes (a 1 = 0, e.g. features whose rows sum to a constant,
+    such as probabilities), gives the
+    exact value from an eigendecomposition (the published code's start
+    is then round-off, or 0 / 0).
     """
-    if iterations is not None:
-        v = a.sum(1)
-        u = v
+    start = a.sum(1)
+    # a 1 = 0 but for the round-off of its sums (at most D eps times the sums of |a|): no direction to start from.
+    roundoff = a.shape[0] * torch.finfo(a.dtype).eps * torch.linalg.vector_norm(a.abs().sum(1))
+    if iterations is not None and bool(torch.linalg.vector_norm(start) > roundoff):
+        v = u = start
         for _ in range(iterations):
             u = a @ v
             u = u / torch.linalg.vector_norm(u)
@@ -96,11 +100,6 @@ def discriminant(within: Tensor, means: Tensor, priors: Tensor, shrinkage: float
     """
     d = within.shape[0]
     mean_eig = within.trace() / d
-    if float(mean_eig) <= 0:
-        raise ValueError(
-            "SFDA: the features are constant within every class, so the within-class covariance is 0 and the "
-            "Fisher discriminant is undefined"
-        )
     shrunk = within * (1.0 - shrinkage)
     shrunk.diagonal().add_(shrinkage * mean_eig)
     factor, info = torch.linalg.cholesky_ex(shrunk)
@@ -195,6 +194,13 @@ def sfda(
             add_rows_(sums, y[rows], x)
         means = sums / counts[:, None]
         within = _within_scatter(chunks(), y, means) / n
+        # The within-class spread, next to the round-off of the second moment it is taken from.
+        second = (sums * means).sum() / n + within.trace()
+        if float(within.trace()) <= CONSTANT_COLUMN_EPS * torch.finfo(dtype).eps * float(second):
+            raise ValueError(
+                "SFDA: the features are constant within every class, so the within-class covariance is 0 and "
+                "the Fisher discriminant is undefined"
+            )
         if shrinkage is None:
             shrinkage = adaptive_shrinkage(within, power_iterations, float(frame.log2_scale[0]))
         weights, bias = discriminant(within, means, priors, shrinkage)
