@@ -15,8 +15,8 @@ candidate models and scores a model by ncc + seli - vc: ``ncti`` returns one
 model's terms, ``ncti_combine`` the published combination of a pool's.
 
 Memory: the PCA scores [N, k] (k <= 64 by default) besides the features,
-the D x D Gram matrix (N > D) or the centred features and their N x N Gram
-matrix (N <= D), and one block of classes' probabilities at a time.
+the D x D Gram matrix (N > D) or an SVD of the centred features (N <= D),
+and one block of classes' probabilities at a time.
 """
 from __future__ import annotations
 
