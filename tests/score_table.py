@@ -46,4 +46,6 @@ TABLE: Dict[str, Entry] = {
     "regularized_h_score": Entry(_features, reference.regularized_h_score),
     "transrate": Entry(_features, reference.transrate),
     "gbc": Entry(_features, reference.gbc),
+    "sfda": Entry(_features, reference.sfda),
+    "ncti": Entry(_features, reference.ncti),
 }

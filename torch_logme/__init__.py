@@ -13,9 +13,11 @@ from ._extension import extension_available
 from .estimator import LogME
 from .evaluation import Evaluation, evaluate_scores, weighted_tau
 from .functional import logme
+from .ncti import ncti, ncti_combine
 from .ranking import Ranking, rank_models
 from .registry import SCORES, ScoreSpec, accumulator
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
+from .sfda import sfda
 from .streaming import LogMEAccumulator
 from .streaming_scores import (
     GBCAccumulator,
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LogME", "LogMEAccumulator", "extension_available", "logme", "__version__",
     # other transferability scores, their accumulators, and model ranking
-    "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc",
+    "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "ncti_combine",
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
     "rank_models", "Ranking", "relabel",

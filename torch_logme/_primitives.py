@@ -37,6 +37,7 @@ __all__ = [
     "class_counts",
     "add_rows_",
     "class_sums",
+    "present_classes",
     "add_gram_",
     "gram_full",
     "gram_eigh",
@@ -166,6 +167,18 @@ def class_sums(rows: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """[C, K]: the sum of the rows [N, K] of each class of int64 labels [N], in rows' dtype."""
     out = torch.zeros(num_classes, rows.shape[1], dtype=rows.dtype, device=rows.device)
     return add_rows_(out, labels, rows)
+
+
+def present_classes(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(ids [N] in 0..K-1, counts [K] in ``dtype``): int64 labels [N] renumbered over the K classes that occur.
+
+    For scores that fit a classifier to the classes present: an absent id
+    has no mean, prior or prediction. Ids keep their order.
+    """
+    counts = class_counts(labels, num_classes, dtype)
+    present = counts > 0
+    new_id = torch.cumsum(present.to(torch.int64), 0) - 1
+    return new_id[labels], counts[present]
 
 
 # -- Gram matrices, stored by their upper triangle ---------------------------------

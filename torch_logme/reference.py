@@ -47,6 +47,7 @@ __all__ = [
     "LogME", "NUMBA_AVAILABLE", "METHODS",
     # the other transferability scores (appended below LogME)
     "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "ledoit_wolf", "coding_rate",
+    "sfda", "ncti", "ncti_combine", "largest_eigenvalue",
 ]
 
 METHODS = ("fixed_point", "icml")
@@ -583,3 +584,228 @@ def gbc(features: np.ndarray, labels: np.ndarray, min_variance: float = 1e-4) ->
             )
             total += math.exp(-distance)
     return -total
+
+
+# ---------------------------------------------------------------------------
+# SFDA (Shao et al., ECCV 2022): self-challenging Fisher discriminant analysis.
+#
+# Written from the paper, with the published code's constants: the
+# discriminant is fitted by the generalised eigenproblem of the Fisher
+# projection (all D directions kept, as published), not by the solve of the
+# torch version; loops over classes.
+# ---------------------------------------------------------------------------
+
+SFDA_SHRINKAGE_RATE = 5.0
+SFDA_MIN_SHRINKAGE = 1e-10
+SFDA_POWER_ITERATIONS = 3
+
+
+def _compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered 0..K-1 over the classes that occur (in order)."""
+    return np.unique(_labels(labels), return_inverse=True)[1].reshape(-1)
+
+
+def _shrunk_towards_trace(s: np.ndarray, shrinkage: float) -> np.ndarray:
+    """(1 - shrinkage) s + shrinkage (tr s / d) I."""
+    d = s.shape[0]
+    return (1.0 - shrinkage) * s + shrinkage * np.trace(s) / d * np.eye(d)
+
+
+def largest_eigenvalue(a: np.ndarray, iterations: Optional[int]) -> float:
+    """lambda_max of a symmetric PSD matrix: ``iterations`` rounds of the published power iteration
+    (from a 1, two products a round), or exact (None, or a start that vanishes to round-off)."""
+    v = a.sum(axis=1)
+    # a 1 = 0 up to the round-off of its sums: the iteration has no start.
+    if iterations is not None and np.linalg.norm(v) > a.shape[0] * np.finfo(np.float64).eps * np.linalg.norm(
+            np.abs(a).sum(axis=1)):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for _ in range(iterations):
+                u = a @ v
+                u = u / np.linalg.norm(u)
+                v = a @ u
+                v = v / np.linalg.norm(v)
+            value = float(v @ a @ u)
+        if math.isfinite(value):
+            return value
+    return float(np.linalg.eigvalsh(a)[-1])
+
+
+def _fisher_log_probs(x: np.ndarray, y: np.ndarray, shrinkage: Optional[float],
+                      iterations: Optional[int]) -> tuple[np.ndarray, np.ndarray, float]:
+    """(log p(c | x_i) [N, K], class means [K, D], the shrinkage) of the regularised Fisher classifier.
+
+    S_w = sum_c (n_c / N) cov_c and S_t = cov(x) (normalised by n_c and N),
+    both shrunk towards (trace / D) I; the Fisher directions V solve S_b v =
+    lam S_w v with V^T S_w V = I; in the Fisher space the classes are
+    Gaussians with identity covariance and priors n_c / N.
+    """
+    n, d = x.shape
+    classes = np.arange(y.max() + 1)
+    means = np.stack([x[y == c].mean(axis=0) for c in classes])
+    priors = np.array([np.mean(y == c) for c in classes])
+    within = np.zeros((d, d))
+    for c in classes:
+        rows = x[y == c] - means[c]
+        within += priors[c] * rows.T @ rows / rows.shape[0]
+    if shrinkage is None:
+        lam = largest_eigenvalue(within, iterations)
+        shrinkage = max(math.exp(-SFDA_SHRINKAGE_RATE * lam), SFDA_MIN_SHRINKAGE)
+    centred = x - x.mean(axis=0)
+    total = centred.T @ centred / n
+    sw = _shrunk_towards_trace(within, shrinkage)
+    sb = _shrunk_towards_trace(total, shrinkage) - sw
+    factor = np.linalg.cholesky(sw)
+    inv = np.linalg.inv(factor)
+    _, u = np.linalg.eigh(inv @ sb @ inv.T)
+    fisher = inv.T @ u[:, ::-1]
+    xf, mf = x @ fisher, means @ fisher
+    logits = xf @ mf.T - 0.5 * np.sum(mf * mf, axis=1) + np.log(priors)
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)), means, shrinkage
+
+
+def sfda(features: np.ndarray, labels: np.ndarray, shrinkage: Optional[float] = None,
+         power_iterations: Optional[int] = SFDA_POWER_ITERATIONS, log_likelihood: bool = True) -> float:
+    """SFDA (Shao et al., ECCV 2022).
+
+    Fit the regularised Fisher classifier; mix each sample towards the
+    average of the other classes' means, x_i <- w_i x_i + (1 - w_i) m_{y_i},
+    with w_i its own class's probability softened by a second softmax; fit
+    again with the same shrinkage; return the average log-likelihood of the
+    labels under the second fit (``log_likelihood=False``: the average
+    probability, as the published code returns). Only the classes that
+    occur count. The features are centred first (the score is
+    shift-invariant), so that an offset costs no digits.
+    """
+    x = _centred(np.asarray(features, dtype=np.float64))
+    y = _compact_labels(labels)
+    k = int(y.max()) + 1
+    if k < 2:
+        raise ValueError("SFDA needs at least two classes")
+    log_p, means, shrinkage = _fisher_log_probs(x, y, shrinkage, power_iterations)
+    soft = np.exp(np.exp(log_p))
+    soft /= soft.sum(axis=1, keepdims=True)
+    mixed = x.copy()
+    for c in range(k):
+        rows = y == c
+        others = (means.sum(axis=0) - means[c]) / (k - 1)
+        w = soft[rows, c][:, None]
+        mixed[rows] = w * x[rows] + (1.0 - w) * others
+    log_p, _, _ = _fisher_log_probs(mixed, y, shrinkage, power_iterations)
+    own = log_p[np.arange(len(y)), y]
+    return float(np.mean(own) if log_likelihood else np.mean(np.exp(own)))
+
+
+# ---------------------------------------------------------------------------
+# NCTI (Wang et al., ICCV 2023): distance from neural collapse.
+#
+# PCA by an SVD of the centred features; the LDA with scikit-learn's
+# semantics, the SVD solver on the data matrix itself (the torch version
+# works on covariances); nuclear norms of the actual matrices.
+# ---------------------------------------------------------------------------
+
+NCTI_TERMS = ("seli", "ncc", "vc")
+NCTI_COMPONENTS = 64
+NCTI_VARIANCE_COMPONENTS = 32
+NCTI_MIN_SHRINKAGE = 1e-10
+LDA_TOL = 1e-4
+#: Singular values of the centred features at or below this many times max(N, D) eps times the
+#: largest (numpy's matrix_rank rule) are round-off of an exact 0: their components are 0.
+_PCA_ROUNDOFF = 1
+
+
+def _pca_scores(f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [N, k], variances [k] normalised by N - 1) of the leading k principal components."""
+    x = _centred(f)
+    n, d = x.shape
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    s = s[:k].copy()
+    s[s <= _PCA_ROUNDOFF * max(n, d) * np.finfo(np.float64).eps * s[0]] = 0.0
+    return u[:, :k] * s, s * s / (n - 1)
+
+
+def _lda(z: np.ndarray, y: np.ndarray, shrinkage: Optional[float],
+         unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(projection of the centred z [N, min(K-1, k)], log-probabilities [N, K]) of an LDA on z [N, k].
+
+    ``shrinkage`` None: the SVD solver (within-class whitening after scaling
+    each column by its within-class standard deviation, then the principal
+    directions of the whitened class offsets; directions at or below the
+    tolerance dropped). Otherwise the eigen solver with both covariances
+    shrunk towards (trace / k) I.
+    """
+    n, k = z.shape
+    classes = np.arange(y.max() + 1)
+    nc = len(classes)
+    means = np.stack([z[y == c].mean(axis=0) for c in classes])
+    priors = np.array([np.mean(y == c) for c in classes])
+    centre = priors @ means
+    m = min(nc - 1, k)
+    if shrinkage is None:
+        within_rows = z - means[y]
+        std = within_rows.std(axis=0)
+        std[std == 0] = 1.0
+        scaled = within_rows / std / math.sqrt(n - nc if unbiased else n)
+        _, s, vt = np.linalg.svd(scaled, full_matrices=False)
+        keep = s > LDA_TOL
+        whiten = (vt[keep] / std).T / s[keep]
+        offsets = np.sqrt(n * priors)[:, None] * ((means - centre) @ whiten)
+        _, sb, vbt = np.linalg.svd(offsets, full_matrices=False)
+        scalings = whiten @ vbt[: int(np.sum(sb > LDA_TOL * sb[0]))].T
+        projected_means = (means - centre) @ scalings
+        logits = (z - centre) @ scalings @ projected_means.T - 0.5 * np.sum(projected_means ** 2, axis=1)
+        projection = (z - centre) @ scalings[:, :m]
+    else:
+        within = np.zeros((k, k))
+        for c in classes:
+            rows = z[y == c] - means[c]
+            within += priors[c] * rows.T @ rows / rows.shape[0]
+        centred = z - z.mean(axis=0)
+        sw = _shrunk_towards_trace(within, shrinkage)
+        sb = _shrunk_towards_trace(centred.T @ centred / n, shrinkage) - sw
+        inv = np.linalg.inv(np.linalg.cholesky(sw))
+        _, u = np.linalg.eigh(inv @ sb @ inv.T)
+        projection = z @ (inv.T @ u[:, ::-1])[:, :m]
+        coef = np.linalg.solve(sw, means.T)
+        logits = z @ coef - 0.5 * np.sum(means * coef.T, axis=1)
+    logits = logits + np.log(priors)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return projection - projection.mean(axis=0), log_p
+
+
+def ncti(features: np.ndarray, labels: np.ndarray, n_components: int = NCTI_COMPONENTS,
+         variance_components: int = NCTI_VARIANCE_COMPONENTS, unbiased_within: bool = False) -> np.ndarray:
+    """NCTI's per-model terms (Wang et al., ICCV 2023), [seli, ncc, vc].
+
+    PCA to k = min(n_components, N, D) components; an LDA on them, shrunk by
+    t = exp(-(sum of the first ``variance_components`` PCA variances)) when
+    t > 1e-10, else unshrunk (the SVD solver, its within-class covariance
+    normalised by N, or by N - C with ``unbiased_within``); then
+    seli = ||centred LDA projection||_*, ncc = mean_i p(y_i | x_i) and
+    vc = log sum_c ||P_c||_* over the classes' probability rows P_c.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = _compact_labels(labels)
+    n, d = f.shape
+    if y.max() < 1 or n <= y.max() + 1:
+        raise ValueError("NCTI needs at least two classes and more samples than classes")
+    z, variances = _pca_scores(f, min(n_components, n, d))
+    t = max(math.exp(-float(np.sum(variances[:variance_components]))), NCTI_MIN_SHRINKAGE)
+    projection, log_p = _lda(z, y, None if t == NCTI_MIN_SHRINKAGE else t, unbiased_within)
+    p = np.exp(log_p)
+    seli = np.linalg.norm(projection, "nuc") if projection.shape[1] else 0.0
+    ncc = np.mean(p[np.arange(n), y])
+    vc = math.log(sum(np.linalg.norm(p[y == c], "nuc") for c in range(int(y.max()) + 1)))
+    return np.array([seli, ncc, vc])
+
+
+def ncti_combine(terms: np.ndarray) -> np.ndarray:
+    """NCTI scores [M] of M models' terms [M, 3]: each term min-max normalised over the models,
+    then ncc + seli - vc; a term on which all models tie counts 0."""
+    t = np.asarray(terms, dtype=np.float64)
+    span = t.max(axis=0) - t.min(axis=0)
+    scaled = np.zeros_like(t)
+    live = span > 0
+    scaled[:, live] = (t[:, live] - t.min(axis=0)[live]) / span[live]
+    return scaled[:, 1] + scaled[:, 0] - scaled[:, 2]

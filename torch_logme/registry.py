@@ -27,7 +27,10 @@ from ._validators import boolean
 from .collecting import CollectingAccumulator
 from .collecting import keywords as collecting_keywords
 from .functional import logme
+from .ncti import TERMS as NCTI_TERMS
+from .ncti import ncti, ncti_combine
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
+from .sfda import sfda
 from .streaming import LogMEAccumulator
 from .streaming_scores import (
     GBCAccumulator,
@@ -112,6 +115,12 @@ _SPECS: Tuple[ScoreSpec, ...] = (
               "regularized_h_score"),
     ScoreSpec(transrate, "features", True, "Huang et al., ICML 2022", TransRateAccumulator, "transrate"),
     ScoreSpec(gbc, "features", True, "Pándy et al., CVPR 2022", GBCAccumulator, "gbc"),
+    ScoreSpec(sfda, "features", True, "Shao et al., ECCV 2022", None, "sfda",
+              no_stream_reason="it refits its discriminant to samples mixed by a first fit's predictions, "
+              "so it reads every sample several times"),
+    ScoreSpec(ncti, "features", True, "Wang et al., ICCV 2023", None, "ncti",
+              no_stream_reason="its probability terms need a PCA and an LDA fitted to all samples first",
+              terms=NCTI_TERMS, combine=ncti_combine),
 )
 
 #: Every registered score by name (read-only).
