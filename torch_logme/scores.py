@@ -68,6 +68,7 @@ from .sums import CONSTANT_COLUMN_EPS, int_shifted
 
 __all__ = [
     "leep",
+    "leep_from_probs",
     "nce",
     "h_score",
     "regularized_h_score",
@@ -493,16 +494,27 @@ def leep(
     n, cs = p.shape
     check_class_count(num_target, n, num_target * cs, "LEEP's joint (Ct x Cs)", "target_labels")
     with torch.no_grad():
-        joint = torch.zeros(num_target, cs, dtype=dtype, device=p.device)
-        for rows, chunk in row_chunks(p, dtype, whole_if_same=True):
-            add_rows_(joint, y[rows], chunk)
-        joint /= n
-        marginal = joint.sum(0)
-        cond = safe_divide(joint, marginal, marginal > 0)  # [Ct, Cs]: P(y | z)
-        total = torch.zeros((), dtype=dtype, device=p.device)
-        for rows, chunk in row_chunks(p, dtype):
-            # The expected empirical prediction of each sample's own label.
-            total += (cond[y[rows]] * chunk).sum(1).log().sum()
+        return leep_from_probs(p, y, num_target, dtype)
+
+
+def leep_from_probs(p: Tensor, y: Tensor, num_target: int, dtype: torch.dtype, *, log: bool = True) -> Tensor:
+    """LEEP of validated probabilities p [N, Cs] for int64 labels y [N] in 0..num_target-1.
+
+    ``log=False``: the mean of the expected empirical predictions without
+    the log, as some published code computes it (NLEEP's ``legacy_leep``).
+    """
+    n, cs = p.shape
+    joint = torch.zeros(num_target, cs, dtype=dtype, device=p.device)
+    for rows, chunk in row_chunks(p, dtype, whole_if_same=True):
+        add_rows_(joint, y[rows], chunk)
+    joint /= n
+    marginal = joint.sum(0)
+    cond = safe_divide(joint, marginal, marginal > 0)  # [Ct, Cs]: P(y | z)
+    total = torch.zeros((), dtype=dtype, device=p.device)
+    for rows, chunk in row_chunks(p, dtype):
+        # The expected empirical prediction of each sample's own label.
+        eep = (cond[y[rows]] * chunk).sum(1)
+        total += (eep.log() if log else eep).sum()
     return total / n
 
 
