@@ -48,4 +48,6 @@ TABLE: Dict[str, Entry] = {
     "gbc": Entry(_features, reference.gbc),
     "sfda": Entry(_features, reference.sfda),
     "ncti": Entry(_features, reference.ncti),
+    "nleep": Entry(_features, reference.nleep),
+    "etran": Entry(_features, reference.etran),
 }

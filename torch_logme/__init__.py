@@ -11,9 +11,11 @@ the published algorithms (imported on demand).
 from ._checks import relabel
 from ._extension import extension_available
 from .estimator import LogME
+from .etran import etran
 from .evaluation import Evaluation, evaluate_scores, weighted_tau
 from .functional import logme
 from .ncti import ncti, ncti_combine
+from .nleep import nleep
 from .ranking import Ranking, rank_models
 from .registry import SCORES, ScoreSpec, accumulator
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
@@ -33,6 +35,7 @@ __all__ = [
     "LogME", "LogMEAccumulator", "extension_available", "logme", "__version__",
     # other transferability scores, their accumulators, and model ranking
     "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "ncti_combine",
+    "nleep", "etran",
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
     "rank_models", "Ranking", "relabel",

@@ -48,6 +48,8 @@ __all__ = [
     # the other transferability scores (appended below LogME)
     "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "ledoit_wolf", "coding_rate",
     "sfda", "ncti", "ncti_combine", "largest_eigenvalue",
+    "nleep", "pca_coordinates", "kmeans_labels", "gaussian_mixture_posteriors",
+    "etran", "etran_energy", "etran_lda", "etran_combine",
 ]
 
 METHODS = ("fixed_point", "icml")
@@ -809,3 +811,194 @@ def ncti_combine(terms: np.ndarray) -> np.ndarray:
     live = span > 0
     scaled[:, live] = (t[:, live] - t.min(axis=0)[live]) / span[live]
     return scaled[:, 1] + scaled[:, 0] - scaled[:, 2]
+# NLEEP (Li et al., CVPR 2021) and ETran (Gholami et al., ICCV 2023).
+#
+# NLEEP: PCA, a Gaussian mixture fitted by EM (a loop over components, as
+# scikit-learn's GaussianMixture writes it), then LEEP of its posteriors.
+# Its seeded initialisation is the k-means that ``torch_logme.nleep``
+# documents, drawing the same numpy random numbers, so that the two agree to
+# round-off. ETran: the energy term and the LDA term of one model, and their
+# published combination across models.
+# ---------------------------------------------------------------------------
+
+
+def pca_coordinates(features: np.ndarray, variance: float = 0.8) -> np.ndarray:
+    """The centred features [N, D] on the fewest principal directions whose variance share exceeds ``variance``.
+
+    Each direction is signed so that its largest entry is positive.
+    """
+    z = _centred(np.asarray(features, dtype=np.float64))
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    share = np.cumsum(s ** 2) / np.sum(s ** 2)
+    k = min(int(np.searchsorted(share, variance, side="right")) + 1, s.shape[0])
+    v = vt[:k]
+    v = v * np.sign(v[np.arange(k), np.abs(v).argmax(axis=1)])[:, None]
+    return z @ v.T
+
+
+def kmeans_labels(x: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 300,
+                  tol: float = 1e-4) -> np.ndarray:
+    """Greedy k-means++ seeding, then Lloyd iterations (see ``torch_logme.nleep.kmeans_labels``)."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(rng.integers(n))
+    draws = rng.random((max(k - 1, 0), trials))
+
+    def sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
+
+    chosen = [first]
+    closest = sq_dist(x, x[[first]])[:, 0]
+    for c in range(1, k):
+        candidates = np.minimum(np.searchsorted(np.cumsum(closest), draws[c - 1] * closest.sum()), n - 1)
+        dist = np.minimum(sq_dist(x[candidates], x), closest[None, :])
+        best = int(np.argmin(dist.sum(axis=1)))
+        closest = dist[best]
+        chosen.append(int(candidates[best]))
+    centres = x[chosen]
+    threshold = tol * np.mean(np.var(x, axis=0))
+    labels = sq_dist(x, centres).argmin(axis=1)
+    for _ in range(max_iter):
+        moved = centres.copy()
+        for j in range(k):
+            if np.any(labels == j):
+                moved[j] = x[labels == j].mean(axis=0)
+        shift = np.sum((moved - centres) ** 2)
+        centres = moved
+        relabelled = sq_dist(x, centres).argmin(axis=1)
+        done = np.array_equal(relabelled, labels) or shift <= threshold
+        labels = relabelled
+        if done:
+            break
+    return labels
+
+
+def _mixture_parameters(x: np.ndarray, resp: np.ndarray, reg_covar: float):
+    """(nk, means, covariances) of responsibilities resp [N, K]: one component at a time."""
+    n, d = x.shape
+    nk = resp.sum(axis=0) + 10 * np.finfo(np.float64).eps
+    means = resp.T @ x / nk[:, None]
+    cov = np.empty((resp.shape[1], d, d))
+    for j in range(resp.shape[1]):
+        diff = x - means[j]
+        cov[j] = (resp[:, j, None] * diff).T @ diff / nk[j] + reg_covar * np.eye(d)
+    return nk, means, cov
+
+
+def _mixture_log_resp(x: np.ndarray, weights: np.ndarray, means: np.ndarray, cov: np.ndarray):
+    """(mean log-likelihood, log responsibilities [N, K]) of a Gaussian mixture."""
+    n, d = x.shape
+    log_p = np.empty((n, weights.shape[0]))
+    for j in range(weights.shape[0]):
+        chol = np.linalg.cholesky(cov[j])
+        z = np.linalg.solve(chol, (x - means[j]).T)
+        log_p[:, j] = (np.log(weights[j]) - 0.5 * d * math.log(2 * math.pi) - np.log(np.diag(chol)).sum()
+                       - 0.5 * (z ** 2).sum(axis=0))
+    top = log_p.max(axis=1, keepdims=True)
+    norm = top[:, 0] + np.log(np.exp(log_p - top).sum(axis=1))
+    return norm.mean(), log_p - norm[:, None]
+
+
+def gaussian_mixture_posteriors(x: np.ndarray, resp: np.ndarray, reg_covar: float = 1e-6, tol: float = 1e-3,
+                                max_iter: int = 100) -> np.ndarray:
+    """Posteriors [N, K] of a full-covariance Gaussian mixture fitted by EM from responsibilities resp [N, K].
+
+    Initial weights nk / N; EM until the mean log-likelihood changes by less
+    than ``tol`` or ``max_iter`` iterations; posteriors of the last M step.
+    """
+    nk, means, cov = _mixture_parameters(x, resp, reg_covar)
+    weights = nk / x.shape[0]
+    bound = -np.inf
+    for _ in range(max_iter):
+        previous = bound
+        bound, log_resp = _mixture_log_resp(x, weights, means, cov)
+        nk, means, cov = _mixture_parameters(x, np.exp(log_resp), reg_covar)
+        weights = nk / nk.sum()
+        if abs(bound - previous) < tol:
+            break
+    return np.exp(_mixture_log_resp(x, weights, means, cov)[1])
+
+
+def nleep(features: np.ndarray, labels: np.ndarray, components_per_class: int = 5, variance: float = 0.8,
+          reg_covar: float = 1e-6, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
+          init_labels: Optional[np.ndarray] = None, legacy_leep: bool = False) -> float:
+    """NLEEP: LEEP (or, ``legacy_leep``, the mean expected prediction) of the mixture posteriors.
+
+    The mixture has ``components_per_class`` x (classes present) components,
+    fitted to ``pca_coordinates`` from one-hot responsibilities of
+    ``init_labels`` (default: ``kmeans_labels`` seeded with ``seed``).
+    """
+    y = _labels(labels)
+    x = pca_coordinates(features, variance)
+    k = components_per_class * np.unique(y).shape[0]
+    if init_labels is None:
+        init_labels = kmeans_labels(x, k, np.random.default_rng(seed))
+    resp = np.zeros((x.shape[0], k))
+    resp[np.arange(x.shape[0]), init_labels] = 1.0
+    post = gaussian_mixture_posteriors(x, resp, reg_covar, tol, max_iter)
+    if not legacy_leep:
+        return leep(post, y)
+    joint = np.zeros((int(y.max()) + 1, k))
+    for c in np.unique(y):
+        joint[c] = post[y == c].sum(axis=0) / y.shape[0]
+    cond = joint / joint.sum(axis=0)
+    return float(np.mean((post * cond[y]).sum(axis=1)))
+
+
+def etran_energy(features: np.ndarray, percent: float = 0.5) -> float:
+    """Mean of the lowest int(10 percent) N // 1000 (at least 1) row energies logsumexp_j f_ij."""
+    f = np.asarray(features, dtype=np.float64)
+    top = f.max(axis=1, keepdims=True)
+    energy = top[:, 0] + np.log(np.exp(f - top).sum(axis=1))
+    count = max(1, int(percent * 10) * f.shape[0] // 1000)
+    return float(np.sort(energy)[:count].mean())
+
+
+def etran_lda(features: np.ndarray, labels: np.ndarray, legacy: bool = False) -> float:
+    """Mean probability of each sample's own class under the shrinkage LDA (``legacy``: identity covariance)."""
+    f = _centred(np.asarray(features, dtype=np.float64))
+    y = _labels(labels)
+    n, d = f.shape
+    classes = np.unique(y)
+    means = np.stack([f[y == c].mean(axis=0) for c in classes])
+    priors = np.array([np.mean(y == c) for c in classes])
+    if legacy:
+        precision = np.eye(d)
+    else:
+        within = np.zeros((d, d))
+        for c, p in zip(classes, priors):
+            within += p * np.cov(f[y == c], rowvar=False, bias=True).reshape(d, d)
+        x = within.sum(axis=1)
+        for _ in range(3):
+            t = within @ x
+            yv = t / np.linalg.norm(t)
+            t = within @ yv
+            x = t / np.linalg.norm(t)
+        s = max(math.exp(-5 * float(x @ within @ yv)), 1e-10)
+        shrunk = (1 - s) * within + s * np.trace(within) / d * np.eye(d)
+        precision = np.linalg.inv(shrunk)
+    logits = np.empty((n, classes.shape[0]))
+    for j, mu in enumerate(means):
+        logits[:, j] = f @ precision @ mu - 0.5 * mu @ precision @ mu + math.log(priors[j])
+    logits -= logits.max(axis=1, keepdims=True)
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    column = np.searchsorted(classes, y)
+    return float(np.mean(prob[np.arange(n), column]))
+
+
+def etran(features: np.ndarray, labels: np.ndarray, energy_percent: float = 0.5,
+          legacy_lda: bool = False) -> np.ndarray:
+    """ETran's terms of one model: [energy, lda]."""
+    return np.array([etran_energy(features, energy_percent), etran_lda(features, labels, legacy_lda)])
+
+
+def etran_combine(terms: np.ndarray, weights: tuple = (0.15, 0.85)) -> np.ndarray:
+    """Scores [M] of M models: each term of terms [M, 2] min-max normalised across models, then weighted."""
+    terms = np.asarray(terms, dtype=np.float64)
+    out = np.zeros(terms.shape[0])
+    for j, w in enumerate(weights):
+        col = terms[:, j]
+        spread = col.max() - col.min()
+        if spread > 0:
+            out += w * (col - col.min()) / spread
+    return out

@@ -26,9 +26,13 @@ from ._checks import source_labels
 from ._validators import boolean
 from .collecting import CollectingAccumulator
 from .collecting import keywords as collecting_keywords
+from .etran import TERMS as ETRAN_TERMS
+from .etran import combine as etran_combine
+from .etran import etran
 from .functional import logme
 from .ncti import TERMS as NCTI_TERMS
 from .ncti import ncti, ncti_combine
+from .nleep import nleep
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
 from .sfda import sfda
 from .streaming import LogMEAccumulator
@@ -121,6 +125,12 @@ _SPECS: Tuple[ScoreSpec, ...] = (
     ScoreSpec(ncti, "features", True, "Wang et al., ICCV 2023", None, "ncti",
               no_stream_reason="its probability terms need a PCA and an LDA fitted to all samples first",
               terms=NCTI_TERMS, combine=ncti_combine),
+    ScoreSpec(nleep, "features", True, "Li et al., CVPR 2021", None, "nleep",
+              no_stream_reason="its Gaussian mixture is fitted by EM, many passes over every sample"),
+    ScoreSpec(etran, "features", True, "Gholami et al., ICCV 2023", None, "etran",
+              no_stream_reason="its LDA term scores every sample with a classifier fitted to all of them, and its "
+              "energy term averages the lowest 0.5% of every sample's energy",
+              terms=ETRAN_TERMS, combine=etran_combine),
 )
 
 #: Every registered score by name (read-only).
