@@ -1,4 +1,5 @@
-"""Timing table of the other scores (LEEP, NCE, H-scores, TransRate, GBC, SFDA, NCTI) against their numpy references.
+"""Timing table of the other scores (LEEP, NCE, H-scores, TransRate, GBC, SFDA, NCTI, NLEEP, ETran) against
+their numpy references.
 
 Usage::
 
@@ -13,8 +14,10 @@ implementations are. CUDA columns appear when CUDA is available and
 selected; the features then sit on the GPU as float32 and the scores are
 computed in float64, timed up to ``torch.cuda.synchronize()``.
 
-The problem setup (``FEATURE_CASES``, ``PREDICTION_CASES``, ``make_case``) is
-shared with ``benchmarks/test_bench_scores.py``.
+The problem setup (``cases_of``, ``make_case``) is shared with
+``benchmarks/test_bench_scores.py``. NLEEP has cases of its own: its EM
+costs K N d^2 per iteration (K = 5 C components, d the PCA dimension), so
+the numpy reference at the other feature cases' sizes would take hours.
 """
 from __future__ import annotations
 
@@ -36,7 +39,9 @@ from torch_logme import reference  # noqa: E402
 FEATURE_CASES: List[Tuple[int, int, int]] = [(10_000, 768, 10), (20_000, 1024, 100)]
 #: LEEP and NCE: (N, Cs source classes, Ct target classes).
 PREDICTION_CASES: List[Tuple[int, int, int]] = [(20_000, 1000, 100)]
-FEATURE_SCORES = ("h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti")
+#: NLEEP: (N, D, C); PCA keeps d = 44 of D = 64 here, and the mixture has 5 C = 25 components.
+NLEEP_CASES: List[Tuple[int, int, int]] = [(2_000, 64, 5)]
+FEATURE_SCORES = ("h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "nleep", "etran")
 PREDICTION_SCORES = ("leep", "nce")
 ALL_SCORES = PREDICTION_SCORES + FEATURE_SCORES
 CHECK_RTOL = 1e-9
@@ -55,6 +60,13 @@ def make_predictions(n: int, cs: int, ct: int, seed: int = 0) -> Tuple[np.ndarra
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     return probs.astype(np.float64), labels
+
+
+def cases_of(score: str) -> List[Tuple[int, int, int]]:
+    """The shapes a score is timed at."""
+    if score in PREDICTION_SCORES:
+        return PREDICTION_CASES
+    return NLEEP_CASES if score == "nleep" else FEATURE_CASES
 
 
 def make_case(score: str, shape: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -120,7 +132,7 @@ def run(scores: List[str], devices: List[str], repeat: int, budget_s: float, che
     print("|" + "---|" * len(head))
     ok = True
     for score in scores:
-        for shape in (PREDICTION_CASES if score in PREDICTION_SCORES else FEATURE_CASES):
+        for shape in cases_of(score):
             x, y = make_case(score, shape)
             fns: Dict[str, Callable[[], Value]] = {"reference": reference_fn(score, x, y)}
             fns["cpu"] = torch_fn(score, torch.from_numpy(x), torch.from_numpy(y))

@@ -25,9 +25,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scores_table import (  # noqa: E402
     ALL_SCORES,
-    FEATURE_CASES,
-    PREDICTION_CASES,
-    PREDICTION_SCORES,
+    cases_of,
     make_case,
     reference_fn,
     shape_label,
@@ -35,7 +33,7 @@ from scores_table import (  # noqa: E402
     warm_up,
 )
 
-CASES = [(s, shape) for s in ALL_SCORES for shape in (PREDICTION_CASES if s in PREDICTION_SCORES else FEATURE_CASES)]
+CASES = [(s, shape) for s in ALL_SCORES for shape in cases_of(s)]
 ROUNDS = {"reference": 2, "cpu": 3, "cuda": 10}
 
 

@@ -979,7 +979,8 @@ def etran_lda(features: np.ndarray, labels: np.ndarray, legacy: bool = False) ->
         precision = np.linalg.inv(shrunk)
     logits = np.empty((n, classes.shape[0]))
     for j, mu in enumerate(means):
-        logits[:, j] = f @ precision @ mu - 0.5 * mu @ precision @ mu + math.log(priors[j])
+        w = precision @ mu
+        logits[:, j] = f @ w - 0.5 * mu @ w + math.log(priors[j])
     logits -= logits.max(axis=1, keepdims=True)
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     column = np.searchsorted(classes, y)
