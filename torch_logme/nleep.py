@@ -36,7 +36,7 @@ from ._primitives import add_gram_, class_counts, class_sums, gram_full, itemsiz
 from ._validators import positive_float, positive_int
 from .scores import framed, leep_from_probs, make_frame
 
-__all__ = ["nleep", "pca_reduce", "KMEANS_MAX_ITER", "KMEANS_TOL"]
+__all__ = ["nleep", "pca_reduce", "kmeans_labels", "KMEANS_MAX_ITER", "KMEANS_TOL"]
 
 Device = Union[str, torch.device, None]
 
