@@ -92,6 +92,12 @@ def test_responsibilities_init_equals_labels_init():
     assert _close(nleep(x, y, seed=3), nleep(x, y, init=labels), rtol=0, atol=0)
 
 
+def test_invariant_to_the_order_of_the_samples():
+    x, y = make_features(200, 8, 3, seed=16)
+    perm = np.random.default_rng(0).permutation(200)
+    assert _close(nleep(x[perm], y[perm]), nleep(x, y), rtol=1e-10)
+
+
 def test_seeds_are_reproducible_and_restarts_run():
     x, y = make_features(200, 8, 3, seed=6)
     assert float(nleep(x, y, seed=11)) == float(nleep(x, y, seed=11))

@@ -36,7 +36,7 @@ from ._primitives import add_gram_, class_counts, class_sums, gram_full, itemsiz
 from ._validators import positive_float, positive_int
 from .scores import framed, leep_from_probs, make_frame
 
-__all__ = ["nleep", "pca_reduce", "kmeans_labels", "KMEANS_MAX_ITER", "KMEANS_TOL"]
+__all__ = ["nleep", "pca_reduce", "kmeans_labels", "canonical_order", "KMEANS_MAX_ITER", "KMEANS_TOL"]
 
 Device = Union[str, torch.device, None]
 
@@ -194,12 +194,27 @@ def _nearest(x: Tensor, x_sq: Tensor, centres: Tensor) -> Tensor:
     return labels
 
 
+def canonical_order(x: Tensor) -> Tensor:
+    """[N] int64: the permutation that sorts the rows of x [N, d] lexicographically (column 0 first).
+
+    Only identical rows keep their relative order, and those are
+    interchangeable: the seeded initialisation, drawn over rows in this
+    order, does not depend on the order the samples came in.
+    """
+    order = torch.arange(x.shape[0], device=x.device)
+    for j in range(x.shape[1] - 1, -1, -1):  # stable sorts, least significant column first
+        order = order[torch.sort(x[order, j], stable=True).indices]
+    return order
+
+
 def kmeans_labels(x: Tensor, k: int, rng: np.random.Generator, *, max_iter: int = KMEANS_MAX_ITER,
                   tol: float = KMEANS_TOL) -> Tensor:
     """Cluster labels [N] of rows x [N, d]: greedy k-means++ seeding, then Lloyd iterations.
 
-    The random numbers come from ``rng`` (numpy), drawn in one go: the first
-    centre ``rng.integers(N)``, then ``rng.random((k - 1, 2 + int(log k)))``.
+    The rows are taken in ``canonical_order``, so the clusters do not depend
+    on the order of the rows. The random numbers come from ``rng`` (numpy),
+    drawn in one go: the first centre ``rng.integers(N)``, then
+    ``rng.random((k - 1, 2 + int(log k)))``.
     Each later centre is the best (least potential) of that many candidates
     drawn with probability proportional to the squared distance to the
     centres so far (Arthur & Vassilvitskii 2007, greedy as scikit-learn).
@@ -208,6 +223,8 @@ def kmeans_labels(x: Tensor, k: int, rng: np.random.Generator, *, max_iter: int 
     centres' squared shift is at most ``tol`` x the mean column variance, or
     ``max_iter`` updates.
     """
+    order = canonical_order(x)
+    x = x[order]
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     first = int(rng.integers(n))
@@ -238,7 +255,7 @@ def kmeans_labels(x: Tensor, k: int, rng: np.random.Generator, *, max_iter: int 
         labels = relabelled
         if done:
             break
-    return labels
+    return torch.empty_like(labels).index_copy_(0, order, labels)
 
 
 # -- EM, batched over components ---------------------------------------------------------
@@ -448,7 +465,9 @@ def nleep(
 
     Returns:
         0-dim tensor: LEEP <= 0 (``legacy_leep``: a mean probability in
-        (0, 1]). Larger is better. Invariant to shifting the features.
+        (0, 1]). Larger is better. Invariant to shifting the features and
+        (the seeded k-means takes the rows in a canonical order) to the order
+        of the samples.
     """
     options = compute_options(dtype=dtype, device=device)
     dtype = options.dtype

@@ -838,7 +838,13 @@ def pca_coordinates(features: np.ndarray, variance: float = 0.8) -> np.ndarray:
 
 def kmeans_labels(x: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 300,
                   tol: float = 1e-4) -> np.ndarray:
-    """Greedy k-means++ seeding, then Lloyd iterations (see ``torch_logme.nleep.kmeans_labels``)."""
+    """Greedy k-means++ seeding, then Lloyd iterations (see ``torch_logme.nleep.kmeans_labels``).
+
+    The rows are taken sorted lexicographically (column 0 first), so that the
+    labels do not depend on their order.
+    """
+    order = np.lexsort(x.T[::-1])
+    x = x[order]
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     first = int(rng.integers(n))
@@ -870,7 +876,9 @@ def kmeans_labels(x: np.ndarray, k: int, rng: np.random.Generator, max_iter: int
         labels = relabelled
         if done:
             break
-    return labels
+    out = np.empty_like(labels)
+    out[order] = labels
+    return out
 
 
 def _mixture_parameters(x: np.ndarray, resp: np.ndarray, reg_covar: float):
