@@ -11,7 +11,7 @@ the published algorithms (imported on demand).
 from ._checks import relabel
 from ._extension import extension_available
 from .estimator import LogME
-from .etran import etran
+from .etran import etran, etran_combine
 from .evaluation import Evaluation, evaluate_scores, weighted_tau
 from .functional import logme
 from .ncti import ncti, ncti_combine
@@ -35,7 +35,7 @@ __all__ = [
     "LogME", "LogMEAccumulator", "extension_available", "logme", "__version__",
     # other transferability scores, their accumulators, and model ranking
     "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "ncti_combine",
-    "nleep", "etran",
+    "nleep", "etran", "etran_combine",
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
     "rank_models", "Ranking", "relabel",

@@ -9,28 +9,29 @@ For classification the published code (mgholamikn/ETran: ``metrics.Energy_Score`
             all samples, gives each sample's own class
 
 and ranks the models by 0.15 x energy + 0.85 x lda, each term min-max
-normalised across the models (``combine``). The paper's regression (SVD)
+normalised across the models (``etran_combine``). The paper's regression (SVD)
 term is for object detection; the published classification pipeline does
 not compute it, and neither does this module.
 
-``etran`` returns the terms [2] of one model; ``combine(terms [M, 2])`` the
-published scores [M] of M models.
+``etran`` returns the terms [2] of one model; ``etran_combine(terms [M, 2])``
+the published scores [M] of M models.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._checks import check_class_count, prepare
 from ._options import compute_options
-from ._primitives import add_gram_, class_counts, class_sums, gram_full, row_chunks
-from .scores import framed, work_dtype
+from ._primitives import add_rows_, present_classes, row_chunks
+from .scores import _resolvable, framed, make_frame
+from .sfda import POWER_ITERATIONS, _within_scatter, adaptive_shrinkage, discriminant
+from .sums import CONSTANT_COLUMN_EPS
 
-__all__ = ["etran", "combine", "TERMS", "WEIGHTS"]
+__all__ = ["etran", "etran_combine", "energy_count", "TERMS", "WEIGHTS"]
 
 Device = Union[str, torch.device, None]
 
@@ -38,10 +39,6 @@ Device = Union[str, torch.device, None]
 TERMS = ("energy", "lda")
 #: The published weights of the min-max normalised terms (``tw.py``).
 WEIGHTS = (0.15, 0.85)
-#: Power-iteration rounds of the published estimate of the largest within-class eigenvalue.
-POWER_ROUNDS = 3
-#: Floor of the LDA's shrinkage, as published.
-MIN_SHRINKAGE = 1e-10
 
 
 def _percent(value: Any) -> float:
@@ -68,73 +65,51 @@ def _energy(f: Tensor, percent: float, dtype: torch.dtype) -> Tensor:
     return energies.topk(energy_count(n, percent), largest=False, sorted=False).values.mean()
 
 
-def _largest_eigenvalue(a: Tensor) -> Tensor:
-    """The published estimate of the largest eigenvalue of a symmetric PSD a [D, D].
+def _lda(f: Tensor, targets: Tensor, num_classes: int, dtype: torch.dtype, legacy: bool,
+         magnitude: Optional[float]) -> Tensor:
+    """Mean LDA probability of each sample's own class: features f [N, D], labels [N] in 0..num_classes-1.
 
-    Three rounds of two power-iteration steps from the row sums, then the
-    Rayleigh-like quotient x^T a y of the last two iterates. A zero iterate
-    (a = 0, or row sums in its null space) gives 0 where the published
-    division gives NaN.
-    """
-    def unit(v: Tensor) -> Tensor:
-        norm = torch.linalg.vector_norm(v)
-        return torch.where(norm > 0, v / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(v))
-
-    x = a.sum(1)
-    y = x
-    for _ in range(POWER_ROUNDS):
-        y = unit(a @ x)
-        x = unit(a @ y)
-    return x @ (a @ y)
-
-
-def _lda(f: Tensor, y: Tensor, c: int, dtype: torch.dtype, legacy: bool) -> Tensor:
-    """Mean LDA probability of each sample's own class, features f [N, D], labels y [N] in 0..c-1.
-
-    Classes absent from ``y`` take no part (the published code's classes are
-    those present). The arithmetic is on features shifted by their mean:
-    the LDA's probabilities do not depend on a shift.
+    SFDA's regularised Fisher classifier (``torch_logme.sfda``: the same
+    within-class covariance, adaptive shrinkage and discriminant), fitted
+    once; ``legacy``: the identity in place of S^-1. Classes absent from the
+    labels take no part. The sums are of the features shifted by their mean
+    (the probabilities do not depend on a shift) and scaled by a power of
+    two, undone where the score reads the features' own units.
     """
     n, d = f.shape
-    shift = f.sum(0, dtype=work_dtype(f.dtype, dtype)) / n
-    convert = partial(framed, dtype=dtype, shift=shift)
-    counts = class_counts(y, c, dtype)
-    present = counts > 0
-    sums = torch.zeros(c, d, dtype=dtype, device=f.device)
-    for rows, x in row_chunks(f, dtype, convert):
-        sums += class_sums(x, y[rows], c)
-    means = sums / counts.clamp_min(1)[:, None]  # [C, D]
-    log_prior = torch.where(present, counts / n, torch.ones_like(counts)).log()
+    y, counts = present_classes(targets, num_classes, dtype)
+    k = counts.shape[0]
+    frame = make_frame(f, dtype, per_column=False, power=2, largest=magnitude)
+    _resolvable(frame, dtype, 2, "ETran")
+    log2_scale = float(frame.log2_scale[0])
+    chunks: Callable[[], Iterator[Tuple[slice, Tensor]]] = partial(
+        row_chunks, f, dtype, partial(framed, dtype=dtype, shift=frame.shift, scale=frame.scale)
+    )
+    sums = torch.zeros(k, d, dtype=dtype, device=f.device)
+    for rows, x in chunks():
+        add_rows_(sums, y[rows], x)
+    means = sums / counts[:, None]
+    priors = counts / n
     if legacy:
-        # The published eigen-decomposition leaves coef = means V V^T with V orthonormal: the identity.
-        coef = means.T
+        # The published eigenvectors are orthonormal, so its coefficients mu V V^T are the means:
+        # class scores x . mu_c - |mu_c|^2 / 2 + log prior_c, in the features' own units.
+        unscale = torch.full((), -log2_scale, dtype=dtype, device=f.device)
+        own = torch.ldexp(means, unscale)
+        weights = torch.ldexp(own, unscale).T
+        bias = -0.5 * (own * own).sum(1) + priors.log()
     else:
-        # Within-class covariance sum_c (n_c / N) cov_c = the scatter of the rows about their class means / N.
-        scatter = torch.zeros(d, d, dtype=dtype, device=f.device)
-        for rows, x in row_chunks(f, dtype, convert):
-            add_gram_(scatter, x - means[y[rows]])
-        within = gram_full(scatter) / n
-        if not bool(torch.isfinite(within).all()):
+        within = _within_scatter(chunks(), y, means) / n
+        second = (sums * means).sum() / n + within.trace()
+        if float(within.trace()) <= CONSTANT_COLUMN_EPS * torch.finfo(dtype).eps * float(second):
             raise ValueError(
-                f"ETran's LDA: the within-class covariance of these features exceeds the range of {dtype}; "
-                "divide the features by a constant"
+                "ETran: the features are constant within every class, so the within-class covariance is 0 and "
+                "the LDA term is undefined (legacy_lda=True, the published nearest-mean form, needs none)"
             )
-        shrinkage = _largest_eigenvalue(within).mul(-5).exp().clamp_min(MIN_SHRINKAGE)
-        mean_var = within.diagonal().sum() / d
-        shrunk = within * (1 - shrinkage)
-        shrunk.diagonal().add_(shrinkage * mean_var)
-        lower, info = torch.linalg.cholesky_ex(shrunk)
-        if int(info) != 0:
-            raise ValueError(
-                "ETran's LDA: the shrunk within-class covariance is singular (every class's features are "
-                "constant within the class); the LDA term needs within-class variation"
-            )
-        coef = torch.cholesky_solve(means.T, lower)  # [D, C]: S^-1 mu_c
-    bias = torch.where(present, log_prior - 0.5 * (means * coef.T).sum(1), torch.full_like(counts, -math.inf))
+        shrinkage = adaptive_shrinkage(within, POWER_ITERATIONS, log2_scale)
+        weights, bias = discriminant(within, means, priors, shrinkage)
     total = torch.zeros((), dtype=dtype, device=f.device)
-    for rows, x in row_chunks(f, dtype, convert):
-        log_p = torch.log_softmax(x @ coef + bias, 1)
-        total += log_p.gather(1, y[rows, None]).exp().sum()
+    for rows, x in chunks():
+        total += torch.log_softmax(x @ weights + bias, 1).gather(1, y[rows, None]).exp().sum()
     return total / n
 
 
@@ -169,8 +144,8 @@ def etran(
     default is the LDA the paper describes, which the method it builds on
     (SFDA) computes with the generalised eigenproblem, V V^T = S^-1.
 
-    Combine the terms of several models with ``combine`` (the registry's
-    ``SCORES["etran"].combine``).
+    Combine the terms of several models with ``etran_combine`` (the
+    registry's ``SCORES["etran"].combine``).
 
     Args:
         features: [N, D] tensor or numpy array, any device.
@@ -194,7 +169,8 @@ def etran(
     check_class_count(c, n, c * d, "ETran's class means (C x D)")
     with torch.no_grad():
         f, y = inputs.features, inputs.targets
-        terms = torch.stack([_energy(f, percent, options.dtype), _lda(f, y, c, options.dtype, legacy_lda)])
+        lda = _lda(f, y, c, options.dtype, legacy_lda, inputs.magnitude)
+        terms = torch.stack([_energy(f, percent, options.dtype), lda])
         if not bool(torch.isfinite(terms).all()):
             raise ValueError(
                 f"ETran came out {terms.tolist()} for features of magnitude up to {inputs.magnitude:.3g}: "
@@ -203,7 +179,7 @@ def etran(
         return terms
 
 
-def combine(terms: Tensor, weights: Sequence[float] = WEIGHTS) -> Tensor:
+def etran_combine(terms: Tensor, weights: Sequence[float] = WEIGHTS) -> Tensor:
     """The published ETran scores [M] of M models from their terms [M, 2] (``etran``'s output, stacked).
 
     Each term is min-max normalised across the models, (t - min) / (max -

@@ -963,36 +963,25 @@ def etran_energy(features: np.ndarray, percent: float = 0.5) -> float:
 
 
 def etran_lda(features: np.ndarray, labels: np.ndarray, legacy: bool = False) -> float:
-    """Mean probability of each sample's own class under the shrinkage LDA (``legacy``: identity covariance)."""
-    f = _centred(np.asarray(features, dtype=np.float64))
-    y = _labels(labels)
-    n, d = f.shape
-    classes = np.unique(y)
-    means = np.stack([f[y == c].mean(axis=0) for c in classes])
-    priors = np.array([np.mean(y == c) for c in classes])
-    if legacy:
-        precision = np.eye(d)
-    else:
-        within = np.zeros((d, d))
-        for c, p in zip(classes, priors):
-            within += p * np.cov(f[y == c], rowvar=False, bias=True).reshape(d, d)
-        x = within.sum(axis=1)
-        for _ in range(3):
-            t = within @ x
-            yv = t / np.linalg.norm(t)
-            t = within @ yv
-            x = t / np.linalg.norm(t)
-        s = max(math.exp(-5 * float(x @ within @ yv)), 1e-10)
-        shrunk = (1 - s) * within + s * np.trace(within) / d * np.eye(d)
-        precision = np.linalg.inv(shrunk)
-    logits = np.empty((n, classes.shape[0]))
-    for j, mu in enumerate(means):
-        w = precision @ mu
-        logits[:, j] = f @ w - 0.5 * mu @ w + math.log(priors[j])
+    """Mean probability of each sample's own class under SFDA's regularised Fisher classifier, fitted once.
+
+    ``legacy``: the published code's form, whose orthonormal eigenvectors
+    make its coefficients the class means (the identity in place of S^-1).
+    Only the classes that occur count.
+    """
+    x = _centred(np.asarray(features, dtype=np.float64))
+    y = _compact_labels(labels)
+    if not legacy:
+        log_p, _, _ = _fisher_log_probs(x, y, None, SFDA_POWER_ITERATIONS)
+        return float(np.mean(np.exp(log_p[np.arange(y.shape[0]), y])))
+    classes = np.arange(y.max() + 1)
+    logits = np.empty((x.shape[0], classes.shape[0]))
+    for c in classes:
+        mu = x[y == c].mean(axis=0)
+        logits[:, c] = x @ mu - 0.5 * mu @ mu + math.log(np.mean(y == c))
     logits -= logits.max(axis=1, keepdims=True)
     prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    column = np.searchsorted(classes, y)
-    return float(np.mean(prob[np.arange(n), column]))
+    return float(np.mean(prob[np.arange(y.shape[0]), y]))
 
 
 def etran(features: np.ndarray, labels: np.ndarray, energy_percent: float = 0.5,

@@ -27,8 +27,7 @@ from ._validators import boolean
 from .collecting import CollectingAccumulator
 from .collecting import keywords as collecting_keywords
 from .etran import TERMS as ETRAN_TERMS
-from .etran import combine as etran_combine
-from .etran import etran
+from .etran import etran, etran_combine
 from .functional import logme
 from .ncti import TERMS as NCTI_TERMS
 from .ncti import ncti, ncti_combine
