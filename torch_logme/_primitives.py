@@ -20,7 +20,9 @@ other way round.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple, Union
+import bisect
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -188,6 +190,76 @@ def present_classes(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tup
 # has no syrk). On GPUs one full product is faster than several launches.
 GRAM_BLOCKS = 4
 _MIN_BLOCKED_DIM = 256
+
+
+@dataclass
+class ClassBlock:
+    """A run of classes, in order of size, whose rows are gathered together (see ``class_blocks``).
+
+    ids: the class ids, smallest class first.
+    order: [N] sample indices ordered by class, classes ordered by size (shared by all blocks).
+    starts: [B] where each class's samples begin in ``order``.
+    sizes: [B] samples per class.
+    largest: the samples of the block's largest class.
+    """
+
+    ids: List[int]
+    order: Tensor
+    starts: Tensor
+    sizes: Tensor
+    largest: int
+
+    def windows(self, window: int) -> Iterator[Tuple[Tensor, Tensor]]:
+        """Per window of ``window`` rows of every class: (valid slots [B, window], their sample indices [M]).
+
+        Rows go to a zero-padded [B, window, ...] tensor at ``valid``; a class
+        shorter than the window leaves zero rows.
+        """
+        for offset in range(0, self.largest, window):
+            j = offset + torch.arange(window, device=self.order.device)
+            valid = j[None, :] < self.sizes[:, None]
+            yield valid, self.order[(self.starts[:, None] + j[None, :])[valid]]
+
+
+def class_blocks(
+    labels: Tensor, counts_host: List[int], cost: Callable[[int, int], int], budget: int
+) -> Iterator[ClassBlock]:
+    """The classes with samples in blocks whose temporaries fit ``budget`` bytes, in order of class size.
+
+    Args:
+        labels: [N] class ids 0..C-1.
+        counts_host: the C class sizes, on the host.
+        cost: (classes in the block, samples of its largest class) -> bytes.
+        budget: the bytes one block may take (a block has one class at least).
+
+    Classes taken in order of size pad to a similar size within a block;
+    the blocks are a loop over data, not over classes.
+    """
+    device = labels.device
+    by_size = sorted(range(len(counts_host)), key=counts_host.__getitem__)
+    sizes = [counts_host[c] for c in by_size]
+    # Samples ordered by class, classes ordered by size: a block is a run of rows.
+    rank = torch.empty(len(by_size), dtype=torch.int64)
+    rank[torch.tensor(by_size, dtype=torch.int64)] = torch.arange(len(by_size))
+    order = torch.argsort(rank.to(device)[labels], stable=True)
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    b = bisect.bisect_right(sizes, 0)  # classes without samples have no rows
+    while b < len(sizes):
+        # The longest run of classes from b whose block fits the budget (at least one).
+        lo, hi = b + 1, len(sizes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if cost(mid - b, sizes[mid - 1]) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        yield ClassBlock(
+            by_size[b:lo], order, torch.tensor(starts[b:lo], dtype=torch.int64, device=device),
+            torch.tensor(sizes[b:lo], dtype=torch.int64, device=device), sizes[lo - 1],
+        )
+        b = lo
 
 
 def add_gram_(gram: Tensor, chunk: Tensor) -> None:

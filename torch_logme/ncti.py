@@ -20,7 +20,6 @@ and one block of classes' probabilities at a time.
 """
 from __future__ import annotations
 
-import bisect
 import math
 from functools import partial
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -29,7 +28,16 @@ import torch
 from torch import Tensor
 
 from ._checks import prepare
-from ._primitives import add_gram_, class_sums, gram_eigh, itemsize, present_classes, row_chunks, safe_divide
+from ._primitives import (
+    add_gram_,
+    class_blocks,
+    class_sums,
+    gram_eigh,
+    itemsize,
+    present_classes,
+    row_chunks,
+    safe_divide,
+)
 from ._validators import boolean, positive_int
 from .scores import BLOCK_BYTES, Device, Frame, _check_classes, _finite, _resolvable, _resolve, framed, make_frame
 
@@ -196,50 +204,28 @@ def class_nuclear_norms(
     """
     device = labels.device
     item = itemsize(dtype)
-    by_size = sorted(range(len(counts_host)), key=counts_host.__getitem__)
-    sizes = [counts_host[c] for c in by_size]
-    rank = torch.empty(len(by_size), dtype=torch.int64)
-    rank[torch.tensor(by_size, dtype=torch.int64)] = torch.arange(len(by_size))
-    order = torch.argsort(rank.to(device)[labels], stable=True)
-    starts = [0]
-    for s in sizes:
-        starts.append(starts[-1] + s)
     window = max(width, MIN_ROWS)
-    out = torch.zeros(len(sizes), dtype=dtype, device=device)
+    out = torch.zeros(len(counts_host), dtype=dtype, device=device)
 
     def cost(num: int, largest: int) -> int:  # the padded rows, the stack under an R factor, LAPACK's copy
         rows = min(largest, window)
         return 3 * num * (rows + (width if largest > window else 0)) * width * item
 
-    b = bisect.bisect_right(sizes, 0)
-    while b < len(sizes):
-        lo, hi = b + 1, len(sizes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if cost(mid - b, sizes[mid - 1]) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        e = lo
-        num, largest = e - b, sizes[e - 1]
+    for block in class_blocks(labels, counts_host, cost, budget):
+        num, largest = len(block.ids), block.largest
         step = min(largest, window)
-        block_starts = torch.tensor(starts[b:e], dtype=torch.int64, device=device)
-        block_sizes = torch.tensor(sizes[b:e], dtype=torch.int64, device=device)
         reduced = None
-        for offset in range(0, largest, step):
-            j = offset + torch.arange(step, device=device)
-            valid = j[None, :] < block_sizes[:, None]
+        for valid, rows in block.windows(step):
             padded = torch.zeros(num, step, width, dtype=dtype, device=device)
-            padded[valid] = rows_of(order[(block_starts[:, None] + j[None, :])[valid]])
+            padded[valid] = rows_of(rows)
             if largest <= step:
                 reduced = padded
             else:
                 stack = padded if reduced is None else torch.cat([reduced, padded], 1)
                 reduced = torch.linalg.qr(stack, mode="r")[1]
         assert reduced is not None  # largest >= 1: the loop ran
-        ids = torch.tensor(by_size[b:e], dtype=torch.int64, device=device)
+        ids = torch.tensor(block.ids, dtype=torch.int64, device=device)
         out[ids] = torch.linalg.svdvals(reduced).sum(-1)
-        b = e
     return out
 
 

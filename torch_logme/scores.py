@@ -38,7 +38,6 @@ the features' scale raises a ValueError saying so.
 """
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +52,7 @@ from ._primitives import (
     add_counts_,
     add_gram_,
     add_rows_,
+    class_blocks,
     class_counts,
     class_sums,
     gram_full,
@@ -928,33 +928,14 @@ def class_gram_blocks(
     """
     device, d = f.device, f.shape[1]
     item = itemsize(dtype)
-    by_size = sorted(range(len(counts_host)), key=counts_host.__getitem__)
-    sizes = [counts_host[c] for c in by_size]
-    # Samples ordered by class, classes ordered by size: a block is a run of rows.
-    rank = torch.empty(len(by_size), dtype=torch.int64)
-    rank[torch.tensor(by_size, dtype=torch.int64)] = torch.arange(len(by_size))
-    order = torch.argsort(rank.to(device)[y], stable=True)
-    starts = [0]
-    for s in sizes:
-        starts.append(starts[-1] + s)
 
     def cost(num: int, largest: int) -> int:
         if dual and largest < d:  # the whole class at once, and its Gram matrix
             return num * (largest * d + largest * largest) * item
         return num * (min(largest, MIN_WINDOW) * d + d * d) * item  # a window of rows, and D x D
 
-    b = bisect.bisect_right(sizes, 0)  # classes without samples have no Gram matrix
-    while b < len(sizes):
-        # The longest run of classes from b whose block fits the budget (at least one).
-        lo, hi = b + 1, len(sizes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if cost(mid - b, sizes[mid - 1]) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        e = lo
-        num, largest = e - b, sizes[e - 1]
+    for block in class_blocks(y, counts_host, cost, budget):
+        num, largest = len(block.ids), block.largest
         use_dual = dual and largest < d
         if use_dual:
             window = largest
@@ -963,12 +944,7 @@ def class_gram_blocks(
             window = min(largest, max(MIN_WINDOW, spare))
         k = largest if use_dual else d
         grams = torch.zeros(num, k, k, dtype=dtype, device=device)
-        block_starts = torch.tensor(starts[b:e], dtype=torch.int64, device=device)
-        block_sizes = torch.tensor(sizes[b:e], dtype=torch.int64, device=device)
-        for offset in range(0, largest, window):
-            j = offset + torch.arange(window, device=device)
-            valid = j[None, :] < block_sizes[:, None]  # [B, R]
-            rows = order[(block_starts[:, None] + j[None, :])[valid]]
+        for valid, rows in block.windows(window):
             padded = torch.zeros(num, window, d, dtype=dtype, device=device)
             padded[valid] = framed(f[rows], dtype, shift, scale, centre)
             if use_dual:
@@ -979,8 +955,7 @@ def class_gram_blocks(
                 grams += padded.transpose(1, 2) @ padded
         if total is not None and not use_dual:
             total += grams.sum(0)
-        yield torch.tensor(by_size[b:e], dtype=torch.int64, device=device), grams
-        b = e
+        yield torch.tensor(block.ids, dtype=torch.int64, device=device), grams
 
 
 def _pow10(log2_value: float) -> str:
