@@ -14,6 +14,7 @@ from .estimator import LogME
 from .etran import etran, etran_combine
 from .evaluation import Evaluation, evaluate_scores, weighted_tau
 from .functional import logme
+from .model_ranking import ModelRanking
 from .ncti import ncti, ncti_combine
 from .nleep import nleep
 from .ranking import Ranking, rank_models
@@ -38,7 +39,7 @@ __all__ = [
     "nleep", "etran", "etran_combine",
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
-    "rank_models", "Ranking", "relabel",
+    "rank_models", "Ranking", "ModelRanking", "relabel",
     # checking scores against fine-tuning results
     "weighted_tau", "evaluate_scores", "Evaluation",
     # every score by name

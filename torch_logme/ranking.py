@@ -137,8 +137,17 @@ def rank_models(
     dtype: torch.dtype = torch.float64,
     device: Union[str, torch.device, None] = None,
     score_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    **model_options: Any,
 ) -> Ranking:
     """Score several models on one labelled task and rank them, best first.
+
+    Given models instead of features (``nn.Module`` values, zero-argument
+    callables that build them, or zoo names), this runs each model once
+    over labelled batches and scores its layers as it goes:
+    ``rank_models(models, data, scores, layers=..., ...)``; see
+    :func:`torch_logme.model_ranking.rank_candidate_models` for those
+    options, and the README section "Ranking models". What follows is the
+    ranking of stored features.
 
     Args:
         features_by_model: name -> features [N, D] (tensor or numpy array,
@@ -160,6 +169,16 @@ def rank_models(
         ModelScoreError (a ValueError) naming the model and score whose
         input is bad, with the score's own message.
     """
+    from .model_ranking import is_models, rank_candidate_models  # it builds on this module
+
+    if is_models(features_by_model):
+        return rank_candidate_models(features_by_model, labels, scores, dtype=dtype, device=device,
+                                     score_options=score_options, **model_options)
+    if model_options:
+        raise TypeError(
+            f"{', '.join(sorted(model_options))}: options of ranking models (nn.Module or builders), "
+            "but features were given"
+        )
     names = score_names(scores)
     if isinstance(features_by_model, Mapping):
         models = [(str(k), v) for k, v in features_by_model.items()]
