@@ -378,6 +378,14 @@ def test_memory_of_scores_that_cannot_stream_reported_and_limited(pooled_score):
             rank_models({"m": model}, loader(x, y), (pooled_score,), progress=False)
         finally:
             mr.WARN_COLLECT_BYTES = old
+    # D unknown before the pass (a Sequential block): estimated once the first batch shows it.
+    model.calls = 0
+    with pytest.raises(mr.CollectLimitError, match="would keep"):
+        rank_models({"m": model}, loader(x, y), (pooled_score,), layers="block1", max_collect_bytes=N * 8 * 4 - 1,
+                    progress=False)
+    assert model.calls == 1
+    assert rank_models({"m": model}, loader(x, y), (pooled_score,), layers="block1",
+                       max_collect_bytes=N * 8 * 4, progress=False)[0].collected_bytes == N * 8 * 4
     # N unknown (a list of batches): the limit holds as the rows come.
     batches = [(x[i:i + B], y[i:i + B]) for i in range(0, N, B)]
     with pytest.raises(mr.CollectLimitError, match="already keep"):

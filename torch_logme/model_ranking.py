@@ -23,6 +23,7 @@ planned), so such a string is refused with a clear error.
 """
 from __future__ import annotations
 
+import collections.abc
 import gc
 import logging
 import math
@@ -199,6 +200,9 @@ class _Collected:
     def __init__(self, model: str, settings: _Settings, counts: Dict[str, int], itemsize: int) -> None:
         self.model, self.settings, self.counts, self.itemsize = model, settings, counts, itemsize
         self.bytes = 0
+        self.widths: Dict[str, Optional[int]] = {}
+        self.num_samples: Optional[int] = None
+        self.estimated = True
 
     def check(self, total: int, what: str) -> None:
         limit = self.settings.max_collect_bytes
@@ -213,26 +217,36 @@ class _Collected:
     def _collecting(self, key: str) -> List[str]:
         return [s for s in self.settings.scores_of(key) if not registry.SCORES[s].streams]
 
-    def before(self, widths: Dict[str, Optional[int]], num_samples: Optional[int]) -> Optional[int]:
-        """The estimate N x D x itemsize x scores, summed over layers, checked; None when N or a D is unknown."""
-        if not self.counts:
-            return None
-        if num_samples is None or any(widths.get(k) is None for k in self.counts):
-            logger.info("model %r: the features kept for scores that cannot stream are counted as they come "
-                        "(the number of samples or a layer's width is not known before the pass)", self.model)
-            return None
-        total = sum(num_samples * int(widths[k] or 0) * self.itemsize * c for k, c in self.counts.items())
+    def before(self, widths: Dict[str, Optional[int]], num_samples: Optional[int]) -> None:
+        """Estimate N x D x itemsize x scores, summed over layers, and check it: now if N and every D are
+        known, else once the first batch has shown the widths (when N is known)."""
+        self.widths = {k: widths.get(k) for k in self.counts}
+        self.num_samples = num_samples
+        self.estimated = not self.counts
+        if num_samples is None and self.counts:
+            logger.info("model %r: the number of samples is not known before the pass; the features kept for "
+                        "scores that cannot stream are checked against the limit as they come", self.model)
+        self._estimate()
+
+    def _estimate(self) -> None:
+        if self.estimated or self.num_samples is None or any(w is None for w in self.widths.values()):
+            return
+        self.estimated = True
+        total = sum(self.num_samples * int(self.widths[k] or 0) * self.itemsize * c for k, c in self.counts.items())
         self.check(total, "would keep")
         message = (f"model {self.model!r}: the scores that cannot stream will keep {total / 2**20:.1f} MiB of "
-                   f"features ({num_samples} samples)")
+                   f"features ({self.num_samples} samples)")
         if total > WARN_COLLECT_BYTES:
-            warnings.warn(message, ResourceWarning, stacklevel=4)
+            warnings.warn(message, ResourceWarning, stacklevel=2)
         logger.info(message)
-        return total
 
     def add(self, key: str, rows: Tensor) -> None:
         count = self.counts.get(key, 0)
         if count:
+            if self.widths.get(key) is None:  # the width shows with the first batch
+                self.widths[key] = rows.shape[1]
+                self.itemsize = rows.element_size()
+                self._estimate()
             self.bytes += rows.shape[0] * rows.shape[1] * rows.element_size() * count
             self.check(self.bytes, "already keep")
 
@@ -384,6 +398,8 @@ def _score_model(name: str, build: Callable[[], nn.Module], owned: bool, data: A
             if cache is not None:
                 FeatureCache.drop_stale(paths)
     values = {key: _compute(name, key, acc) for key, acc in accs.items()}
+    if where.type == "cuda":
+        torch.cuda.synchronize(where)  # the time counts the work, not its launch
     seconds = time.perf_counter() - started
     peak, kind = memory.peak(where)
     del accs
@@ -472,7 +488,7 @@ def _checked_data(data: Any, passes: int) -> None:
         raise TypeError(
             f"data must be an iterable of (inputs, labels) batches, such as a DataLoader, got {type(data).__name__}"
         )
-    if passes > 1 and iter(data) is data:
+    if passes > 1 and isinstance(data, collections.abc.Iterator):  # not iter(data): it would start workers
         raise TypeError(
             f"data is a one-shot iterator ({type(data).__name__}) but is read once per model: pass a DataLoader "
             "or a list of batches"
