@@ -19,6 +19,12 @@ Both read the same batches, made once before timing (so making the data is
 in neither), and run interleaved, round by round, ``--repeat`` times: the
 table gives the medians and their ratio (target < 1.10).
 
+On a machine shared with other work, pass ``--threads 1``: with two
+threads and more runnable processes than cores, LAPACK's many short
+parallel regions in LogME's one ``eigh`` (512 x 512 here, 0.1 s alone)
+were seen to wait seconds at their barriers, which the forward passes
+alone never call.
+
 The default run keeps to about two minutes on a 2-core machine: 600 images
 for the timing (``--samples 2000`` is the issue's shape, 20-30 s a pass
 there) and smaller images for the memory runs.
@@ -142,10 +148,11 @@ def rank_into(holder: Dict[str, Any], model: nn.Module, data: Batches) -> None:
     holder["ranking"] = rank(model, data)
 
 
-def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
-    start = time.perf_counter()
+def timed(fn: Callable[[], Any]) -> Tuple[float, float, Any]:
+    """(wall seconds, this process's CPU seconds, result) of ``fn()``."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def peak_of(fn: Callable[[], Any], device: torch.device) -> Tuple[Optional[int], Optional[int]]:
@@ -179,9 +186,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--memory-size", type=int, default=32, help="the memory runs' image size")
     parser.add_argument("--scale", type=int, default=10, help="the memory run's multiple of the samples (0: skip)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's); 1 on a machine shared with other work")
     parser.add_argument("--json", default=None, help="merge the figures into the model_ranking section of PATH")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = ResNet18().to(device)
@@ -190,28 +201,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     forward_alone(model, Batches(batches[:2]))  # warm-up: first-call allocations and kernels are not timed
     rank(model, Batches(batches[:2]))
 
-    times: Dict[str, List[float]] = {"forward": [], "rank": []}
+    times: Dict[str, List[float]] = {"forward": [], "rank": [], "forward_cpu": [], "rank_cpu": []}
     score = float("nan")
     for _ in range(args.repeat):  # interleaved: a burst of other work slows both alike
-        times["forward"].append(timed(lambda: forward_alone(model, data))[0])
-        seconds, ranking = timed(lambda: rank(model, data))
-        times["rank"].append(seconds)
+        wall, cpu, _ = timed(partial(forward_alone, model, data))
+        times["forward"].append(wall)
+        times["forward_cpu"].append(cpu)
+        wall, cpu, ranking = timed(partial(rank, model, data))
+        times["rank"].append(wall)
+        times["rank_cpu"].append(cpu)
         score = ranking[0].scores["logme"]
-    forward_s, rank_s = statistics.median(times["forward"]), statistics.median(times["rank"])
-    ratio = rank_s / forward_s
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio, cpu_ratio = med["rank"] / med["forward"], med["rank_cpu"] / med["forward_cpu"]
 
     print("## Ranking a model against its forward passes alone\n")
     print(machine_header())
     print(f"- model: ResNet-18 layout built from torch.nn ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters), {args.samples} random {args.size}x{args.size} images, batch {args.batch}, {device}; "
           "rank_models: one layer (fc's input, D = 512), LogME")
+    print("- medians of interleaved runs; CPU time is this process's (time.process_time), less disturbed by "
+          "other work than wall time when torch runs one thread")
     print()
-    print("| forward passes alone | rank_models | ratio (target < 1.10) | LogME | runs |")
-    print("|---|---|---|---|---|")
-    print(f"| {forward_s:.2f} s | {rank_s:.2f} s | {ratio:.3f} | {score:.6g} | {args.repeat} |")
-    figures: Dict[str, Any] = {"forward_s": forward_s, "rank_s": rank_s, "ratio": ratio, "logme": score,
-                               "samples": args.samples, "size": args.size, "batch": args.batch,
-                               "device": str(device), "runs": args.repeat}
+    print("| | forward passes alone | rank_models | ratio (target < 1.10) |")
+    print("|---|---|---|---|")
+    print(f"| wall time | {med['forward']:.2f} s | {med['rank']:.2f} s | {ratio:.3f} |")
+    print(f"| CPU time | {med['forward_cpu']:.2f} s | {med['rank_cpu']:.2f} s | {cpu_ratio:.3f} |")
+    print(f"\nLogME of the layer: {score:.6g}; {args.repeat} runs each; wall times of the runs: forward "
+          f"{', '.join(f'{t:.2f}' for t in times['forward'])} s, rank_models "
+          f"{', '.join(f'{t:.2f}' for t in times['rank'])} s")
+    figures: Dict[str, Any] = {"forward_s": med["forward"], "rank_s": med["rank"], "ratio": ratio,
+                               "forward_cpu_s": med["forward_cpu"], "rank_cpu_s": med["rank_cpu"],
+                               "cpu_ratio": cpu_ratio, "runs": times, "logme": score, "samples": args.samples,
+                               "size": args.size, "batch": args.batch, "device": str(device),
+                               "threads": torch.get_num_threads()}
 
     if args.scale > 0:
         batches = make_batches(args.memory_samples, args.memory_size, args.batch, device)

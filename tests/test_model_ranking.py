@@ -425,6 +425,11 @@ def test_cache_reused_then_invalidated(tmp_path):
     model.calls = 0
     rank_models({"m": model}, data, **{**kwargs, "layers": ["block2"]})
     assert model.calls == N // B
+    # Two callables as pool: told apart by their code.
+    for pool in (lambda v: v.amax((2, 3)), lambda v: v.amin((2, 3))):
+        model.calls = 0
+        r = rank_models({"m": model}, data, **{**kwargs, "layers": ["block2"], "pool": pool})
+        assert model.calls == N // B and r[0].features_from == "forward"
 
 
 def test_cache_with_scores_that_cannot_stream(tmp_path, pooled_score):

@@ -12,7 +12,8 @@ file), under a key made of:
 - the data's fingerprint: the number of batches, the batch sizes, every
   label, and the inputs of the first batch (read once per call, in one
   iteration over ``data`` that runs no model);
-- what defines the features: the layer, the pooling, the autocast dtype.
+- what defines the features: the layer, the pooling (a callable by its
+  name and code, not the values it closes over), the autocast dtype.
 
 A model whose every layer is in the cache is scored from the files, with
 no forward pass; any other model runs its pass and its files are written

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections.abc
 import gc
+import hashlib
 import logging
 import math
 import time
@@ -414,9 +415,15 @@ def _score_model(name: str, build: Callable[[], nn.Module], owned: bool, data: A
 
 
 def _pool_id(pool: Any) -> str:
+    """What keys a pooling rule in the feature cache: its name, or a callable's name and code."""
     if isinstance(pool, str):
         return pool
-    return f"callable {getattr(pool, '__module__', '')}.{getattr(pool, '__qualname__', repr(pool))}"
+    method = vars(type(pool)).get("__call__")  # a callable object: its class's method
+    code = getattr(pool, "__code__", None) or getattr(method, "__code__", None)
+    text = b"" if code is None else code.co_code + repr((code.co_consts, code.co_names)).encode()
+    body = hashlib.sha256(text).hexdigest()[:16] if text else ""
+    name = getattr(pool, "__qualname__", type(pool).__qualname__)
+    return f"callable {getattr(pool, '__module__', '')}.{name} {body}"
 
 
 # -- layers into a row ---------------------------------------------------------------------------------------
