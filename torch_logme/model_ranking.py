@@ -146,6 +146,8 @@ def _to_device(value: Any, device: torch.device) -> Any:
         return value if value.device == device else value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
         return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields one by one
+        return type(value)(*(_to_device(v, device) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_to_device(v, device) for v in value)
     return value
