@@ -202,6 +202,17 @@ def test_pool_flatten_and_callable():
     assert rel(amax[0].scores["logme"], logme(hand.amax((2, 3)), y)) < 1e-10
 
 
+def test_a_score_that_cannot_stream_equals_its_functional_form():
+    x, y = images()
+    model = SmallCNN()
+    r = rank_models({"m": model}, loader(x, y), ("sfda", "logme"), layers=["block1", "fc:input"], progress=False)
+    hand = outputs_of(model, x, ["block1", "fc"], on_input=("fc",))
+    feats = {"block1": hand["block1"].mean((2, 3)), "fc:input": hand["fc"]}
+    for label, f in feats.items():
+        assert rel(r[0].layers[label]["sfda"], torch_logme.sfda(f, y)) < 1e-10
+    assert r[0].collected_bytes == N * (8 + 12) * 4
+
+
 def test_leep_and_nce_read_the_models_output():
     x, y = images()
     model = SmallCNN()
