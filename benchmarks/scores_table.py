@@ -1,5 +1,5 @@
-"""Timing table of the other scores (LEEP, NCE, H-scores, TransRate, GBC, SFDA, NCTI, NLEEP, ETran) against
-their numpy references.
+"""Timing table of the other scores (LEEP, NCE, H-scores, TransRate, GBC, SFDA, NCTI, NLEEP, ETran, kNN,
+PARC) against their numpy references.
 
 Usage::
 
@@ -17,7 +17,8 @@ computed in float64, timed up to ``torch.cuda.synchronize()``.
 The problem setup (``cases_of``, ``make_case``) is shared with
 ``benchmarks/test_bench_scores.py``. NLEEP has cases of its own: its EM
 costs K N d^2 per iteration (K = 5 C components, d the PCA dimension), so
-the numpy reference at the other feature cases' sizes would take hours.
+the numpy reference at the other feature cases' sizes would take hours; kNN
+and PARC, whose work (and whose references' memory) is N x N, too.
 """
 from __future__ import annotations
 
@@ -41,9 +42,12 @@ FEATURE_CASES: List[Tuple[int, int, int]] = [(10_000, 768, 10), (20_000, 1024, 1
 PREDICTION_CASES: List[Tuple[int, int, int]] = [(20_000, 1000, 100)]
 #: NLEEP: (N, D, C); PCA keeps d = 44 of D = 64 here, and the mixture has 5 C = 25 components.
 NLEEP_CASES: List[Tuple[int, int, int]] = [(2_000, 64, 5)]
+#: kNN and PARC, whose work is N x N (and whose references hold N x N matrices): (N, D, C).
+PAIRWISE_CASES: List[Tuple[int, int, int]] = [(2_000, 256, 10), (5_000, 768, 10)]
 FEATURE_SCORES = ("h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "nleep", "etran")
 PREDICTION_SCORES = ("leep", "nce")
-ALL_SCORES = PREDICTION_SCORES + FEATURE_SCORES
+PAIRWISE_SCORES = ("knn", "parc")
+ALL_SCORES = PREDICTION_SCORES + FEATURE_SCORES + PAIRWISE_SCORES
 CHECK_RTOL = 1e-9
 
 
@@ -66,6 +70,8 @@ def cases_of(score: str) -> List[Tuple[int, int, int]]:
     """The shapes a score is timed at."""
     if score in PREDICTION_SCORES:
         return PREDICTION_CASES
+    if score in PAIRWISE_SCORES:
+        return PAIRWISE_CASES
     return NLEEP_CASES if score == "nleep" else FEATURE_CASES
 
 

@@ -50,4 +50,6 @@ TABLE: Dict[str, Entry] = {
     "ncti": Entry(_features, reference.ncti),
     "nleep": Entry(_features, reference.nleep),
     "etran": Entry(_features, reference.etran),
+    "knn": Entry(_features, reference.knn),
+    "parc": Entry(_features, reference.parc),
 }

@@ -111,7 +111,7 @@ def test_score_options():
     assert ranking[0].scores["transrate"] == pytest.approx(float(transrate(F, Y, eps=1e-2)))
     # The scores the CLI and ranking accept by name: every registered one.
     assert {"logme", "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "nleep",
-            "etran"} <= set(SCORES)
+            "etran", "knn", "parc"} <= set(SCORES)
 
 
 def test_model_names():

@@ -14,9 +14,11 @@ from .estimator import LogME
 from .etran import etran, etran_combine
 from .evaluation import Evaluation, evaluate_scores, weighted_tau
 from .functional import logme
+from .knn import knn
 from .model_ranking import ModelRanking
 from .ncti import ncti, ncti_combine
 from .nleep import nleep
+from .parc import parc
 from .ranking import Ranking, rank_models
 from .registry import SCORES, ScoreSpec, accumulator
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
@@ -36,7 +38,7 @@ __all__ = [
     "LogME", "LogMEAccumulator", "extension_available", "logme", "__version__",
     # other transferability scores, their accumulators, and model ranking
     "leep", "nce", "h_score", "regularized_h_score", "transrate", "gbc", "sfda", "ncti", "ncti_combine",
-    "nleep", "etran", "etran_combine",
+    "nleep", "etran", "etran_combine", "knn", "parc",
     "NCEAccumulator", "HScoreAccumulator", "RegularizedHScoreAccumulator",
     "TransRateAccumulator", "GBCAccumulator",
     "rank_models", "Ranking", "ModelRanking", "relabel",

@@ -50,6 +50,7 @@ __all__ = [
     "sfda", "ncti", "ncti_combine", "largest_eigenvalue",
     "nleep", "pca_coordinates", "kmeans_labels", "gaussian_mixture_posteriors",
     "etran", "etran_energy", "etran_lda", "etran_combine",
+    "knn", "parc",
 ]
 
 METHODS = ("fixed_point", "icml")
@@ -1000,3 +1001,108 @@ def etran_combine(terms: np.ndarray, weights: tuple = (0.15, 0.85)) -> np.ndarra
         if spread > 0:
             out += w * (col - col.min()) / spread
     return out
+# Scores of the samples' pairwise geometry: kNN accuracy and PARC.
+#
+# Full N x N matrices and plain loops over samples; no blocks, no merged
+# top-k candidates, no closed-form ranks.
+# ---------------------------------------------------------------------------
+
+
+def knn(features: np.ndarray, labels: np.ndarray, k: int = 3, metric: str = "euclidean",
+        binary_f1: bool = False) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy (as transformer-ranker's kNN estimator).
+
+    Each sample's k nearest other samples (euclidean distance, or 1 - cosine
+    similarity with a zero row at similarity 0) vote with their labels; the
+    most frequent label wins, the lowest on a tie. Equal distances go to the
+    lower sample index. The score is the fraction of samples whose vote is
+    their label; ``binary_f1`` with exactly two classes gives the F1 score of
+    the larger class id instead.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = _labels(labels)
+    n = f.shape[0]
+    if metric == "cosine":
+        norms = np.linalg.norm(f, axis=1)
+        unit = f / np.where(norms > 0, norms, 1.0)[:, None]
+    predictions = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        if metric == "cosine":
+            distance = 1.0 - unit @ unit[i]
+        else:
+            distance = np.sqrt(((f - f[i]) ** 2).sum(axis=1))
+        distance[i] = np.inf
+        nearest = np.argsort(distance, kind="stable")[:k]
+        predictions[i] = np.argmax(np.bincount(y[nearest]))  # argmax: the first (lowest) of the most frequent
+    classes = np.unique(y)
+    if binary_f1 and len(classes) == 2:
+        positive = classes[1]
+        tp = np.sum((predictions == positive) & (y == positive))
+        fp = np.sum((predictions == positive) & (y != positive))
+        fn = np.sum((predictions != positive) & (y == positive))
+        return float(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(predictions == y))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` [M], tied values at the average of their positions."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ordered = values[order]
+    start = 0
+    while start < len(values):
+        stop = start + 1
+        while stop < len(values) and ordered[stop] == ordered[start]:
+            stop += 1
+        ranks[order[start:stop]] = 0.5 * (start + 1 + stop)
+        start = stop
+    return ranks
+
+
+def parc(features: np.ndarray, labels: np.ndarray, n_dims: Optional[int] = 32) -> float:
+    """PARC (Bolya et al., NeurIPS 2021): 100 x the Spearman correlation of two dissimilarity matrices.
+
+    The features are reduced to their min(n_dims, N, D) leading principal
+    components (an SVD of the centred features; each component's largest
+    |loading| positive, as scikit-learn signs them; components at round-off,
+    max(N, D) eps of the largest singular value, are zero), each
+    standardised to unit variance (normalised by N). The dissimilarity of
+    two samples is 1 - the Pearson correlation of their rows (0 for a
+    constant row), and of their labels 1 - the correlation of their one-hot
+    rows: exactly 0 within a class and C / (C - 1) across (computing it with
+    np.corrcoef leaves round-off on some pairs of one class, which would
+    split their tie). Spearman correlation over the pairs i < j, with tied
+    values at their average rank.
+    """
+    raw = np.asarray(features, dtype=np.float64)
+    f = _centred(raw)
+    y = _labels(labels)
+    n, d = f.shape
+    if n_dims is None:
+        # A column is constant when its variance is round-off of its mean square about the first mean.
+        z = f
+        var = z.var(axis=0)
+        mean_sq = ((raw - raw.mean(axis=0)) ** 2).mean(axis=0)
+        keep = var > _CONSTANT_COLUMN_EPS * np.finfo(np.float64).eps * mean_sq + np.finfo(np.float64).tiny
+    else:
+        k = min(n_dims, n, d)
+        _, s, vt = np.linalg.svd(f, full_matrices=False)
+        signs = np.where(vt[np.arange(len(vt)), np.argmax(np.abs(vt), axis=1)] < 0, -1.0, 1.0)
+        # The projections f v rather than u s: equal samples get exactly equal rows, so ties stay ties.
+        z = f @ (vt[:k].T * signs[:k])
+        keep = s[:k] > max(n, d) * np.finfo(np.float64).eps * s[0]
+    z = z - z.mean(axis=0)
+    std = z.std(axis=0)
+    keep = keep & (std > 0)
+    z = np.where(keep, z / np.where(keep, std, 1.0), 0.0)
+    rows = z - z.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(rows, axis=1)
+    flat = norms <= z.shape[1] * np.finfo(np.float64).eps * np.abs(z).max(axis=1)
+    rows = np.where(flat[:, None], 0.0, rows / np.where(flat, 1.0, norms)[:, None])
+    upper = np.triu_indices(n, 1)
+    feature_dissimilarity = 1.0 - np.clip(rows @ rows.T, -1.0, 1.0)
+    classes = len(np.unique(y))
+    label_dissimilarity = np.where(y[:, None] == y[None, :], 0.0, classes / (classes - 1.0))
+    a = _average_ranks(feature_dissimilarity[upper])
+    b = _average_ranks(label_dissimilarity[upper])
+    return float(100.0 * np.corrcoef(a, b)[0, 1])

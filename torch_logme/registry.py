@@ -29,9 +29,11 @@ from .collecting import keywords as collecting_keywords
 from .etran import TERMS as ETRAN_TERMS
 from .etran import etran, etran_combine
 from .functional import logme
+from .knn import knn
 from .ncti import TERMS as NCTI_TERMS
 from .ncti import ncti, ncti_combine
 from .nleep import nleep
+from .parc import parc
 from .scores import gbc, h_score, leep, nce, regularized_h_score, transrate
 from .sfda import sfda
 from .streaming import LogMEAccumulator
@@ -130,6 +132,10 @@ _SPECS: Tuple[ScoreSpec, ...] = (
               no_stream_reason="its LDA term scores every sample with a classifier fitted to all of them, and its "
               "energy term averages the lowest 0.5% of every sample's energy",
               terms=ETRAN_TERMS, combine=etran_combine),
+    ScoreSpec(knn, "features", True, "Garbas et al., TransformerRanker, arXiv 2024 (its kNN estimator)",
+              None, "knn", no_stream_reason="it needs every sample's distances to all the others"),
+    ScoreSpec(parc, "features", True, "Bolya et al., NeurIPS 2021", None, "parc",
+              no_stream_reason="it ranks the correlations of all pairs of samples"),
 )
 
 #: Every registered score by name (read-only).
