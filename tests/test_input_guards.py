@@ -1,6 +1,8 @@
 """Input guards: each mistake gets a ValueError naming it, never a raw error from torch's internals."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,16 @@ def test_relabel():
     assert new.tolist() == [2, 0, 0, 1, 2] and ids.tolist() == [7, 42, 10**9]
     assert torch.equal(ids[new], torch.from_numpy(labels))
     assert logme(F, relabel(_stray(10**9))[0]).item() == logme(F, relabel(_stray(3))[0]).item()
+
+
+@pytest.mark.parametrize("bad, match", [(math.nan, "NaN or Inf"), (math.inf, "NaN or Inf"), (0.5, "integer")])
+def test_relabel_refuses_non_integer_labels(bad, match):
+    # Found by tests/test_properties.py: a NaN or 0.5 label came back as a class id of its own.
+    labels = torch.tensor([3.0, 7.0, bad, 3.0])
+    with pytest.raises(ValueError, match=match):
+        relabel(labels)
+    new, ids = relabel(torch.tensor([3.0, 7.0, 3.0]))  # integral floats are ids like any other
+    assert new.tolist() == [0, 1, 0] and ids.tolist() == [3.0, 7.0]
 
 
 @pytest.mark.parametrize("make, update", [
