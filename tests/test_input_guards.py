@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -73,6 +74,28 @@ def test_predict_rejects_nan():
         est.predict(bad)
     with pytest.raises(ValueError, match="NaN or Inf"):
         est.predict(torch.from_numpy(bad))
+
+
+@pytest.mark.parametrize("regression", [True, False])
+def test_predict_float32_on_tiny_features(regression):
+    # Found by tests/test_properties.py: with features of 1e-25 a float32 fit gave a finite score but
+    # posterior means of Inf (alpha / beta underflowed), so predict returned NaN.
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((5, 5)) * 1e-25
+    y = rng.standard_normal(5) * 0.05 if regression else np.array([0, 1, 0, 1, 1])
+    wide, narrow = LogME(regression), LogME(regression, dtype=torch.float32)
+    wide.fit(f, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float32 may recompute in float64, saying so
+        narrow.fit(f, y)
+    assert bool(torch.isfinite(narrow.ms).all())
+    if regression:
+        np.testing.assert_allclose(narrow.predict(f), wide.predict(f), rtol=1e-4)
+    else:
+        np.testing.assert_array_equal(narrow.predict(f), wide.predict(f))
+    # Features far larger than the fitted ones overflow float32: a ValueError, not Inf or an arbitrary class.
+    with pytest.raises(ValueError, match="predictions overflow torch.float32.*float64"):
+        narrow.predict(np.full((2, 5), 1e30))
 
 
 def test_masked_array_rejected():
