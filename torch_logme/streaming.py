@@ -98,7 +98,9 @@ class SumAccumulator:
       run) in one ``all_gather``; on any disagreement every rank raises the
       same ValueError naming what differs on which ranks, instead of one
       rank raising while the others wait in a collective. Growable sizes
-      may differ (padded to the largest); fixed ones may not.
+      may differ (padded to the largest); fixed ones may not, except a size
+      not set yet (0: a regression accumulator's width before its first
+      batch), which takes the others' (so do merge and load_state_dict).
     * ``sync()`` makes the local sums the global ones, and ``compute()``
       after it does not reduce them again until the next ``update``,
       ``merge``, ``load_state_dict`` or ``reset`` (on every rank: ranks of
