@@ -1,6 +1,9 @@
 """Input guards: each mistake gets a ValueError naming it, never a raw error from torch's internals."""
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +76,28 @@ def test_predict_rejects_nan():
         est.predict(torch.from_numpy(bad))
 
 
+@pytest.mark.parametrize("regression", [True, False])
+def test_predict_float32_on_tiny_features(regression):
+    # Found by tests/test_properties.py: with features of 1e-25 a float32 fit gave a finite score but
+    # posterior means of Inf (alpha / beta underflowed), so predict returned NaN.
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((5, 5)) * 1e-25
+    y = rng.standard_normal(5) * 0.05 if regression else np.array([0, 1, 0, 1, 1])
+    wide, narrow = LogME(regression), LogME(regression, dtype=torch.float32)
+    wide.fit(f, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float32 may recompute in float64, saying so
+        narrow.fit(f, y)
+    assert bool(torch.isfinite(narrow.ms).all())
+    if regression:
+        np.testing.assert_allclose(narrow.predict(f), wide.predict(f), rtol=1e-4)
+    else:
+        np.testing.assert_array_equal(narrow.predict(f), wide.predict(f))
+    # Features far larger than the fitted ones overflow float32: a ValueError, not Inf or an arbitrary class.
+    with pytest.raises(ValueError, match="predictions overflow torch.float32.*float64"):
+        narrow.predict(np.full((2, 5), 1e30))
+
+
 def test_masked_array_rejected():
     masked = np.ma.masked_array(F, mask=F > 1)
     with pytest.raises(ValueError, match="masked arrays are not supported; fill or drop the masked entries"):
@@ -113,6 +138,23 @@ def test_huge_label_rejected_before_allocating(score, label):
         score(F, _stray(label))
 
 
+def test_gbc_pairs_only_the_classes_present():
+    # Found by tests/test_properties.py: one stray id of 10**4 (allowed: C^2 float64 is under 2 GiB)
+    # made GBC pair all 10**4 classes, 30 s for 20 samples; absent classes add nothing to the score.
+    import time
+
+    y = _stray(10**4)
+    start = time.perf_counter()
+    stray = gbc(F, y)
+    acc = GBCAccumulator(F.shape[1])
+    acc.update(F, y)
+    streamed = acc.compute()
+    assert time.perf_counter() - start < 3.0
+    expected = gbc(F, relabel(y)[0])
+    assert torch.allclose(stray, expected, rtol=1e-12, atol=0)
+    assert torch.allclose(streamed, expected, rtol=1e-12, atol=0)
+
+
 def test_huge_label_nce_leep():
     with pytest.raises(ValueError, match=r"target_labels go up to 1000000.*GiB.*torch_logme.relabel"):
         nce(_stray(10**6), _stray(10**6))
@@ -148,6 +190,16 @@ def test_relabel():
     assert new.tolist() == [2, 0, 0, 1, 2] and ids.tolist() == [7, 42, 10**9]
     assert torch.equal(ids[new], torch.from_numpy(labels))
     assert logme(F, relabel(_stray(10**9))[0]).item() == logme(F, relabel(_stray(3))[0]).item()
+
+
+@pytest.mark.parametrize("bad, match", [(math.nan, "NaN or Inf"), (math.inf, "NaN or Inf"), (0.5, "integer")])
+def test_relabel_refuses_non_integer_labels(bad, match):
+    # Found by tests/test_properties.py: a NaN or 0.5 label came back as a class id of its own.
+    labels = torch.tensor([3.0, 7.0, bad, 3.0])
+    with pytest.raises(ValueError, match=match):
+        relabel(labels)
+    new, ids = relabel(torch.tensor([3.0, 7.0, 3.0]))  # integral floats are ids like any other
+    assert new.tolist() == [0, 1, 0] and ids.tolist() == [3.0, 7.0]
 
 
 @pytest.mark.parametrize("make, update", [

@@ -279,6 +279,13 @@ def relabel(labels: Any) -> "tuple[Tensor, Tensor]":
     Only the classes present count afterwards, however large the original ids.
     """
     y = _label_vector(labels, "labels", None, "")
+    if y.is_floating_point() and y.numel():
+        # One host read: NaN would become a class of its own and 0.5 an id, neither a class id.
+        finite, integral = torch.stack([torch.isfinite(y).all(), (y == y.round()).all()]).tolist()
+        if not finite:
+            raise ValueError("labels contain NaN or Inf; expected integer class ids")
+        if not integral:
+            raise ValueError("labels must be integer class ids; got non-integer values")
     ids, inverse = torch.unique(y, sorted=True, return_inverse=True)
     return inverse.to(torch.int64), ids
 

@@ -92,7 +92,14 @@ class LogME:
         with torch.no_grad():
             spec, result = solve(inputs, self.options, with_basis=True)
             # In float32 mode a fallback to float64 keeps a float64 spectrum: means in the asked dtype.
-            self.ms = spec.posterior_means(result.t.to(spec.eigenvalues.dtype)).to(self.options.dtype)
+            ms = spec.posterior_means(result.t.to(spec.eigenvalues.dtype))
+            narrow = spec.eigenvalues.dtype != torch.float64
+            if narrow and not bool(torch.isfinite(ms).all() & (result.t >= torch.finfo(ms.dtype).tiny).all()):
+                # Tiny features: float32 holds the evidence, but alpha / beta (and the squared
+                # features) underflow to 0, and the means' 1 / (t + lam) to Inf. They need float64.
+                wide_spec, wide = solve(inputs, self.options.in_dtype(torch.float64), with_basis=True)
+                ms = wide_spec.posterior_means(wide.t)
+            self.ms = ms.to(self.options.dtype)
             score = reduce_columns(result.evidence, spec.target_sq, inputs.classification, self.options, "mean")
         self.num_dim = inputs.num_columns
         self.alphas, self.betas, self.evidences = result.alpha, result.beta, result.evidence
@@ -111,10 +118,18 @@ class LogME:
             raise ValueError(
                 f"features must be [M, {self.ms.shape[1]}] like the fitted ones, got shape {tuple(x.shape)}"
             )
-        # One host read: NaN/Inf rows would otherwise get an arbitrary class id (argmax of NaN).
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError("features contain NaN or Inf; expected finite values")
         with torch.no_grad():
             logits = x.to(device=self.ms.device, dtype=self.ms.dtype) @ self.ms.T
+            # One host read: NaN/Inf rows, or logits past the dtype's range, would otherwise give
+            # an arbitrary class id (argmax of NaN) or an infinite prediction.
+            finite = torch.stack([torch.isfinite(x).all().to(logits.device), torch.isfinite(logits).all()])
+            finite_x, finite_logits = finite.tolist()
+            if not finite_x:
+                raise ValueError("features contain NaN or Inf; expected finite values")
+            if not finite_logits:
+                raise ValueError(
+                    f"the predictions overflow {self.ms.dtype} (features far larger than the fitted ones, "
+                    "or posterior means past its range); fit with dtype=torch.float64"
+                )
             out = logits if self.regression else logits.argmax(dim=-1)
         return out.cpu().numpy() if isinstance(f, np.ndarray) else out

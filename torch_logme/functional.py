@@ -85,8 +85,10 @@ def _in_float64(options: LogMEOptions) -> LogMEOptions:
 
 
 def _cast(result: FixedPointResult, dtype: torch.dtype) -> FixedPointResult:
+    """The result in ``dtype``, but t: it is read only with the (float64) spectrum, for posterior
+    means, and features that need float64 have a t that float32 may round to 0."""
     return FixedPointResult(
-        result.alpha.to(dtype), result.beta.to(dtype), result.t.to(dtype), result.evidence.to(dtype), result.steps
+        result.alpha.to(dtype), result.beta.to(dtype), result.t, result.evidence.to(dtype), result.steps
     )
 
 

@@ -1174,10 +1174,14 @@ def gbc_from_moments(counts: Tensor, sums: Tensor, squares: Tensor, min_variance
     symmetric, so only pairs i < j are evaluated (and counted twice): a
     block of classes i against the classes from the block's first one on,
     [B, C - start, D] at a time, with B chosen so that a block's
-    temporaries stay within ``budget`` bytes.
+    temporaries stay within ``budget`` bytes. Only the classes present are
+    paired: absent ids (one stray label of 10**4) add nothing but C^2 work.
     """
-    c, d = sums.shape
     present = counts > 0
+    if not bool(present.all()):
+        counts, sums, squares = counts[present], sums[present], squares[present]
+        present = counts > 0
+    c, d = sums.shape
     mean = safe_divide(sums, counts[:, None], present[:, None])
     second = safe_divide(squares, counts[:, None], present[:, None])
     var = second - mean * mean

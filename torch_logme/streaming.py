@@ -113,7 +113,9 @@ class SumAccumulator(OwnLock):
       run) in one ``all_gather``; on any disagreement every rank raises the
       same ValueError naming what differs on which ranks, instead of one
       rank raising while the others wait in a collective. Growable sizes
-      may differ (padded to the largest); fixed ones may not.
+      may differ (padded to the largest); fixed ones may not, except a size
+      not set yet (0: a regression accumulator's width before its first
+      batch), which takes the others' (so do merge and load_state_dict).
     * ``sync()`` makes the local sums the global ones, and ``compute()``
       after it does not reduce them again until the next ``update``,
       ``merge``, ``load_state_dict`` or ``reset`` (on every rank: ranks of
@@ -304,9 +306,7 @@ class SumAccumulator(OwnLock):
     def _align(self, sizes: Dict[str, Tuple[int, bool]], other: str) -> None:
         for name, (mine, growable) in self._sizes().items():
             theirs = sizes[name][0]
-            if theirs == mine:
-                continue
-            if not growable:
+            if not _sizes_fit(mine, theirs, growable):
                 raise ValueError(f"{type(self).__name__}: {name} differs: {mine} here, {theirs} in {other}")
             if theirs > mine:
                 self._grow(name, theirs)
@@ -389,9 +389,7 @@ class SumAccumulator(OwnLock):
             theirs = sizes.get(size_name)
             if isinstance(theirs, bool) or not isinstance(theirs, int) or theirs < 0:
                 raise ValueError(f"{name_}: state_dict 'sizes' has no valid {size_name!r} (got {theirs!r})")
-            if theirs == mine:
-                continue
-            if not growable:
+            if not _sizes_fit(mine, theirs, growable):
                 raise ValueError(f"{name_}: {size_name} differs: {mine} here, {theirs} in the state_dict")
             dims[size_name] = max(mine, theirs)
         if self._allocated:
@@ -403,11 +401,14 @@ class SumAccumulator(OwnLock):
             if name not in state:
                 raise ValueError(f"{name_}: state_dict has no {name!r}")
             saved = _numeric_tensor(state[name], name)
-            shape = tuple(dims[a] for a in axes)
-            if tuple(saved.shape) != shape:
-                raise ValueError(f"state_dict {name!r} has shape {tuple(saved.shape)}, expected {shape}")
+            declared = tuple(sizes[a] for a in axes)
+            if tuple(saved.shape) != declared:
+                raise ValueError(f"state_dict {name!r} has shape {tuple(saved.shape)}, expected {declared}")
             dtype = self._states[name].dtype if self._allocated else self._STATE_DTYPES.get(name, self.options.dtype)
             staged[name] = saved.to(device, dtype)
+            shape = torch.Size(dims[a] for a in axes)
+            if staged[name].shape != shape:  # smaller along a size that pads (fewer classes than here)
+                staged[name] = _pad_to(staged[name], shape)
         shift: Optional[Tensor] = None
         zero_shift = False
         if self._SHIFTED:
@@ -489,8 +490,9 @@ class SumAccumulator(OwnLock):
         names = list(self._sizes())
         growable = [self._sizes()[n][1] for n in names]
         same_kind = all(h[:2] == headers[0][:2] and h[3] == headers[0][3] for h in headers)
+        # A fixed size of 0 is one not set yet (see _sizes_fit): it agrees with any.
         fixed_agree = same_kind and all(
-            len({h[4 + i] for h in headers}) == 1 for i in range(len(names)) if not growable[i])
+            len({h[4 + i] for h in headers} - {0}) <= 1 for i in range(len(names)) if not growable[i])
         synced = {h[2] for h in headers}
         if not (same_kind and fixed_agree and len(synced) == 1):
             self._raise_disagreement(group, world)
@@ -695,6 +697,17 @@ def _state_device(state: Mapping[str, Any]) -> Optional[torch.device]:
         if isinstance(value, Tensor):
             return value.device
     return None
+
+
+def _sizes_fit(mine: int, theirs: int, growable: bool) -> bool:
+    """Whether sums of size ``theirs`` along a size can be added to (or loaded over) sums of size ``mine``.
+
+    A growable size pads to the larger. A fixed one must be equal, except
+    that 0 is a size not set yet (a regression accumulator's target columns
+    before its first batch, when num_targets was not given): nothing was
+    summed along it, so it fits any, and takes the other's.
+    """
+    return growable or mine == theirs or mine == 0 or theirs == 0
 
 
 def _pad_to(value: Tensor, shape: torch.Size) -> Tensor:
