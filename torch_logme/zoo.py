@@ -380,9 +380,6 @@ def hf_defaults(model: nn.Module, tokenizer: Any = None, image_processor: Any = 
     return model
 
 
-_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError)
-
-
 def _hf_processor(transformers: Any, cls: str, source: Any, name: str) -> Any:
     """``source`` when it is already a tokenizer / processor, else ``Auto<cls>.from_pretrained(source)``."""
     if source is None or source is False:
@@ -438,7 +435,9 @@ def _auto_processor(transformers: Any, cls: str, name: str, given: Any) -> Any:
     if given is True:
         try:
             return _hf_processor(transformers, cls, name, name)
-        except _LOAD_ERRORS as err:
+        except Exception as err:  # whatever the reason, the model has none that loads
+            if isinstance(err, ImportError) and cls == "AutoImageProcessor":
+                logger.warning("Hugging Face model %r: its image processor cannot load (%s)", name, err)
             logger.info("Hugging Face model %r: no %s (%s)", name, cls, err)
             return None
     return _hf_processor(transformers, cls, given, name)
