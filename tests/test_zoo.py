@@ -274,11 +274,14 @@ def test_hf_options_random_weights_max_length_pairs(tiny_bert):
         zoo.hf_model("x", max_length=0)
 
 
-def test_hf_vision_model_prepares_images(tiny_vit):
+def test_hf_vision_model_prepares_images(tiny_vit, tmp_path):
     transformers = transformers_or_skip()
     pictures, labels = images()
     data = raw_loader(pictures, labels)
-    r = rank_models({"vit": f"hf:{tiny_vit}"}, data, progress=False)
+    r = rank_models({"vit": f"hf:{tiny_vit}"}, data, cache=tmp_path, progress=False)
+    # PIL images in the data's fingerprint count by their pixels, so the second run is served by the cache.
+    again = rank_models({"vit": f"hf:{tiny_vit}"}, data, cache=tmp_path, progress=False)
+    assert again.entries[0].features_from == "cache" and again.entries[0].scores == r.entries[0].scores
     model = transformers.AutoModel.from_pretrained(tiny_vit).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(tiny_vit)
     with torch.no_grad():

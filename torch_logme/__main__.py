@@ -209,7 +209,8 @@ def _run_rank_models(args: argparse.Namespace) -> int:
     from torch_logme.zoo import ImageTransform, hf_model, timm_model, torchvision_model
 
     def fail(message: object) -> int:
-        print(f"torch-logme rank-models: error: {message}", file=sys.stderr)
+        # One line, also for the messages of other libraries (the hub's span several).
+        print(f"torch-logme rank-models: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 1
 
     names = list(dict.fromkeys(args.models))
