@@ -166,13 +166,28 @@ setup(
         # Optional adapters: torch_logme.integrations.torchmetrics / .lightning.
         "torchmetrics": ["torchmetrics>=1.0"],
         "lightning": ["lightning>=2.0"],
+        # Model zoos for rank_models and `rank-models` (torch_logme.zoo):
+        # "timm:", "hf:", "torchvision:" names. timm brings torchvision and
+        # Pillow; Pillow reads the command's image folders and feeds the
+        # Hugging Face image processors. torchvision must be the build made
+        # for the installed torch (a CPU-only torch needs torchvision's CPU
+        # build from the same index): see the README.
+        "timm": ["timm>=0.9"],
+        "hf": ["transformers>=4.30", "pillow"],
+        "torchvision": ["torchvision"],
+        "zoo": ["timm>=0.9", "transformers>=4.30", "torchvision", "pillow"],
         # Tests run the reference both jitted and in pure Python, and the
         # adapters (both keep the installed torch; lightning brings torchmetrics);
         # scikit-learn's bundled data sets are the real-data regression cases,
-        # hypothesis draws the property-based ones.
+        # hypothesis draws the property-based ones. transformers and Pillow
+        # run the Hugging Face adapter and the rank-models command on tiny
+        # offline models. Not timm nor torchvision: PyPI's torchvision is
+        # built for PyPI's CUDA torch, and beside a CPU-only torch it fails to
+        # import, which breaks torchmetrics and lightning too; their tests skip
+        # here and run in .ci/oldest.sh, where torch and torchvision match.
         "test": [
             "pytest>=7", "numba>=0.57", "scipy", "torchmetrics>=1.0", "lightning>=2.0",
-            "scikit-learn>=1.0", "hypothesis>=6",
+            "scikit-learn>=1.0", "hypothesis>=6", "transformers>=4.30", "pillow",
         ],
         "bench": ["pytest-benchmark>=4", "numba>=0.57", "scipy"],
     },

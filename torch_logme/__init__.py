@@ -6,8 +6,10 @@ published estimator. ``SCORES`` holds every score by name and
 ``accumulator(name, ...)`` streams any of them. ``evaluate_scores`` checks
 scores against fine-tuning results (``weighted_tau`` and other rank
 correlations). ``torch_logme.reference`` holds the numpy reference of
-the published algorithms (imported on demand).
+the published algorithms (imported on demand). ``torch_logme.zoo`` builds
+timm, Hugging Face and torchvision models by name for ``rank_models``.
 """
+from . import zoo  # noqa: F401  registers the "timm:", "hf:" and "torchvision:" adapters
 from ._checks import relabel
 from ._extension import extension_available
 from .estimator import LogME

@@ -7,6 +7,9 @@ Commands:
     evaluate
             check scores against fine-tuning results (weighted Kendall tau and
             other rank correlations) from two CSV files.
+    rank-models
+            rank models given by zoo name (timm:, hf:, torchvision:) on an
+            image folder or a text file: one forward pass per model.
 
 Each command is a ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``func``, a callable taking the parsed arguments and returning
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -152,7 +157,183 @@ def _add_evaluate(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_run_evaluate)
 
 
-_COMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [_add_demo, _add_rank, _add_evaluate]
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _layers_option(text: Optional[str]) -> object:
+    """--layers: None (each model's default), "all", or a comma-separated list of layer labels."""
+    if text is None or text == "default":
+        return None
+    if text == "all":
+        return "all"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return names[0] if len(names) == 1 else names
+
+
+@contextmanager
+def _hub_progress_bars(shown: bool) -> Iterator[None]:
+    """Hide the Hugging Face hub's and transformers' progress bars (downloads, weight loading) unless ``shown``.
+
+    The hub reads the variable when it is first imported; transformers, once
+    imported, has its own switch.
+    """
+    if shown:
+        yield
+        return
+    name = "HF_HUB_DISABLE_PROGRESS_BARS"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    was_shown = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if was_shown:
+        hf_logging.disable_progress_bar()  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+        if was_shown:
+            hf_logging.enable_progress_bar()  # type: ignore[union-attr]
+
+
+def _run_rank_models(args: argparse.Namespace) -> int:
+    from torch_logme.zoo import ImageTransform, hf_model, timm_model, torchvision_model
+
+    def fail(message: object) -> int:
+        # One line, also for the messages of other libraries (the hub's span several).
+        print(f"torch-logme rank-models: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 1
+
+    names = list(dict.fromkeys(args.models))
+    for name in names:
+        zoo, sep, ident = name.partition(":")
+        if not sep or zoo not in ("timm", "hf", "torchvision") or not ident:
+            return fail(f"{name!r} is not a model name: give '<zoo>:<name>' with zoo timm, hf or torchvision "
+                        "(e.g. timm:resnet50, hf:bert-base-uncased, hf:/path/to/saved/model, torchvision:resnet50)")
+    builders = {}
+    for name in names:
+        zoo, _, ident = name.partition(":")
+        if zoo == "timm":
+            builders[name] = timm_model(ident, pretrained=not args.no_pretrained)
+        elif zoo == "hf":
+            builders[name] = hf_model(ident, pretrained=not args.no_pretrained, max_length=args.max_length)
+        else:
+            builders[name] = torchvision_model(ident, weights=None if args.no_pretrained else "DEFAULT")
+    transform = ImageTransform(args.image_size) if args.preprocess == "standard" else None
+    progress = sys.stderr.isatty()
+    try:
+        with _hub_progress_bars(progress):
+            ranking, data = _rank_files(args, builders, transform, progress)
+    except (ImportError, ValueError, TypeError, OSError, RuntimeError, KeyError) as err:
+        # Bad names, files or options are the user's to fix: one line, no traceback.
+        return fail(f"{type(err).__name__}: {err}" if isinstance(err, KeyError) else err)
+    if args.json:
+        out = ranking.to_dict()
+        out["data"] = {"path": str(data.path), "kind": data.kind, "samples": data.num_samples,
+                       "classes": data.classes}
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"data: {data.path} ({data.num_samples} {data.kind}, {len(data.classes)} classes)")
+        print(ranking)
+    return 0
+
+
+def _rank_files(args: argparse.Namespace, builders: dict, transform: Optional[Callable[[Any], Any]],
+                progress: bool) -> tuple:
+    import torch
+
+    from torch_logme.model_data import loader, read_data
+    from torch_logme.model_ranking import rank_candidate_models
+    from torch_logme.registry import DEFAULT_SCORE
+
+    data = read_data(args.data, text_column=args.text_column, label_column=args.label_column,
+                     transform=transform, limit=args.limit, seed=args.seed)
+    ranking = rank_candidate_models(
+        builders, loader(data, args.batch_size, args.workers), args.score or [DEFAULT_SCORE],
+        layers=_layers_option(args.layers), pool=args.pool, aggregate=args.aggregate, device=args.device,
+        dtype=torch.float32 if args.dtype == "float32" else torch.float64, cache=args.cache, progress=progress,
+    )
+    return ranking, data
+
+
+def _add_rank_models(subparsers: "argparse._SubParsersAction") -> None:
+    from torch_logme.model_layers import POOLS
+    from torch_logme.model_ranking import AGGREGATES
+    from torch_logme.registry import DEFAULT_SCORE, SCORES
+
+    p = subparsers.add_parser(
+        "rank-models",
+        help="rank pre-trained models (timm:, hf:, torchvision:) on an image folder or a text file",
+        description=(
+            "Run each model once over labelled data and rank the models by transferability scores of "
+            "their layers, best first (by the first --score). MODEL is timm:NAME (timm.create_model, "
+            "pretrained), hf:NAME_OR_PATH (transformers AutoModel with its tokenizer or image processor) or "
+            "torchvision:NAME (torchvision.models.get_model, weights='DEFAULT'). The data is an image folder "
+            "(one subdirectory of images per class, torchvision's ImageFolder layout) or a text file: .csv "
+            "with a header, .jsonl (one JSON object per line) or .json, with a text column and a label "
+            "column. Each model prepares its inputs its own way: texts with its tokenizer, images with its "
+            "own preprocessing (timm's data config, the torchvision weights' transforms, the Hugging Face "
+            "image processor), unless --preprocess standard. Each model's default layer is the input of its "
+            "classifier (Hugging Face: its last hidden state, averaged over the tokens)."
+        ),
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="timm:NAME, hf:NAME_OR_PATH or torchvision:NAME")
+    p.add_argument("--data", required=True, metavar="DIR_OR_FILE",
+                   help="an image folder (one subdirectory per class) or a .csv / .jsonl / .json text file")
+    p.add_argument(
+        "--score", action="extend", nargs="+", choices=list(SCORES), metavar="NAME",
+        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). "
+        f"One of: {', '.join(SCORES)}",
+    )
+    p.add_argument("--layers", default=None, metavar="SPEC",
+                   help="'default' (each model's: the classifier's input; Hugging Face: the last hidden state), "
+                        "'all' (every block: timm's feature stages, ResNet stages, a transformer's layers), or "
+                        "comma-separated layer names such as layer3,fc:input (for every model)")
+    p.add_argument("--pool", choices=list(POOLS), default="avg",
+                   help="how a layer becomes [B, D]: avg (spatial / masked token mean, default), cls (first "
+                        "token), flatten")
+    p.add_argument("--aggregate", choices=list(AGGREGATES), default="best",
+                   help="a model's row: its best layer by the first score (default), its last layer, or the "
+                        "mean over its layers")
+    p.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="samples per batch (default: 32)")
+    p.add_argument("--limit", type=_positive, default=None, metavar="N",
+                   help="score a random subset of N samples (drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default: 0)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                   help="precision of the scores' statistics (default: float64)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="keep the pooled features in DIR and reuse them when the model and data match")
+    p.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
+    p.add_argument("--text-column", default="text", metavar="NAME", help="text column of a text file (default: text)")
+    p.add_argument("--label-column", default="label", metavar="NAME",
+                   help="label column of a text file (default: label)")
+    p.add_argument("--max-length", type=_positive, default=None, metavar="N",
+                   help="truncate texts to N tokens (default: the model's limit)")
+    p.add_argument("--preprocess", choices=["model", "standard"], default="model",
+                   help="images: each model's own preprocessing (default), or for all models the standard one: "
+                        "resize the shorter side to --image-size / 0.875, center crop, ImageNet mean and std")
+    p.add_argument("--image-size", type=_positive, default=224, metavar="N",
+                   help="the crop of --preprocess standard (default: 224)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random weights (timm pretrained=False, torchvision weights=None, Hugging Face from its "
+                        "config): a baseline, or a run without downloads")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader worker processes (default: 0)")
+    p.set_defaults(func=_run_rank_models)
+
+
+_COMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
+    _add_demo, _add_rank, _add_evaluate, _add_rank_models,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,12 @@ file), under a key made of:
   costs one reduction per tensor, not a copy of its weights);
 - the data's fingerprint: the number of batches, the batch sizes, every
   label, and the inputs of the first batch (read once per call, in one
-  iteration over ``data`` that runs no model);
+  iteration over ``data`` that runs no model; texts by their characters,
+  images such as PIL's by their pixels);
 - what defines the features: the layer, the pooling (a callable by its
-  name and code, not the values it closes over), the autocast dtype.
+  name and code, not the values it closes over), the autocast dtype, and
+  the model's input preparation (a zoo model's tokenizer or transform, by
+  its ``cache_key``).
 
 A model whose every layer is in the cache is scored from the files, with
 no forward pass; any other model runs its pass and its files are written
@@ -79,6 +82,9 @@ def _update_with_value(digest: Any, value: Any) -> None:
         _update_with_tensor(digest, value)
     elif isinstance(value, np.ndarray):
         _update_with_tensor(digest, torch.from_numpy(np.ascontiguousarray(value)))
+    elif hasattr(value, "__array_interface__"):  # e.g. a PIL image: its pixels, not its repr (which has an address)
+        digest.update(f"{type(value).__name__}|".encode())
+        _update_with_tensor(digest, torch.from_numpy(np.array(value)))
     elif isinstance(value, dict):
         for key in sorted(value, key=str):
             digest.update(f"{key}=".encode())

@@ -12,6 +12,17 @@ published LogME code does for torchvision models (``model.fc`` there). For a
 network whose head is not its last ``nn.Linear`` (a projection after the
 classifier, say), name the layer.
 
+A model may declare its own defaults, as the model-zoo adapters
+(:mod:`torch_logme.zoo`) do, with plain attributes:
+
+- ``torch_logme_default_layer``: the layer (or list of layers) scored when
+  ``layers`` is None, e.g. ``"output"`` for a Hugging Face encoder (its
+  last hidden state);
+- ``torch_logme_blocks``: what ``layers="all"`` scores when ``blocks`` is
+  None, e.g. the encoder's blocks;
+- ``torch_logme_prepare``: a callable applied to each batch's inputs before
+  they move to the device (a tokenizer for texts, a transform for images).
+
 Pooling (``pool=``) turns a layer's value into features [B, D]:
 
 - ``"avg"`` (default): [B, D] as is; [B, C, H, W] (and any [B, C, *spatial])
@@ -33,12 +44,19 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerSpec", "POOLS", "resolve", "default_layer", "pool_value", "check_pool", "known_width"]
+__all__ = [
+    "LayerSpec", "POOLS", "resolve", "default_layer", "pool_value", "check_pool", "known_width",
+    "DEFAULT_LAYER_ATTR", "BLOCKS_ATTR", "PREPARE_ATTR",
+]
 
 POOLS = ("avg", "cls", "flatten")
 ONS = ("output", "input")
 #: The label of the whole model's return value.
 OUTPUT = "output"
+#: The attributes through which a model declares its default layer, its blocks and its input preparation.
+DEFAULT_LAYER_ATTR = "torch_logme_default_layer"
+BLOCKS_ATTR = "torch_logme_blocks"
+PREPARE_ATTR = "torch_logme_prepare"
 
 
 @dataclass(frozen=True)
@@ -146,9 +164,12 @@ def _has(model: nn.Module, name: str) -> bool:
 def _blocks(model: nn.Module, blocks: Any, model_name: str) -> List[LayerSpec]:
     """The layers ``blocks`` names: a container's name (its children), a list of layers, or module types."""
     if blocks is None:
+        blocks = getattr(model, BLOCKS_ATTR, None)
+    if blocks is None:
         raise ValueError(
-            "layers='all' needs blocks=: a container's name (e.g. 'encoder.layer': each of its children), "
-            "a list of layer names, or a module type (e.g. a block class: every module of that type)"
+            f"model {model_name!r}: layers='all' needs blocks=: a container's name (e.g. 'encoder.layer': each "
+            "of its children), a list of layer names, or a module type (e.g. a block class: every module of "
+            "that type)"
         )
     if isinstance(blocks, type) or (isinstance(blocks, tuple) and blocks and all(isinstance(b, type) for b in blocks)):
         found = [LayerSpec.make(n, "output") for n, m in model.named_modules() if n and isinstance(m, blocks)]
@@ -172,6 +193,8 @@ def _blocks(model: nn.Module, blocks: Any, model_name: str) -> List[LayerSpec]:
 
 def resolve(model: nn.Module, layers: Any, blocks: Any, model_name: str) -> List[LayerSpec]:
     """The layers of ``model`` to score, in order, checked against the model; ValueError naming what is wrong."""
+    if layers is None and getattr(model, DEFAULT_LAYER_ATTR, None) is not None:
+        layers = getattr(model, DEFAULT_LAYER_ATTR)
     if layers is None:
         specs = [default_layer(model, model_name)]
     elif isinstance(layers, str) and layers == "all":

@@ -17,9 +17,9 @@ The feature cache: :mod:`torch_logme.feature_cache`. The result and the
 memory measurement: :mod:`torch_logme.model_result`.
 
 Model zoos: a model given as a string "<zoo>:<name>" (e.g. "timm:resnet50")
-is built by the adapter registered for "<zoo>" with :func:`register_adapter`;
-none is registered yet (timm, Hugging Face and torchvision adapters are
-planned), so such a string is refused with a clear error.
+is built by the adapter registered for "<zoo>" with :func:`register_adapter`.
+:mod:`torch_logme.zoo` registers "timm", "hf" and "torchvision"; each imports
+its package only when a model of that zoo is built.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ WARN_COLLECT_BYTES = 1 << 30
 #: The default of ``max_collect_bytes``.
 DEFAULT_MAX_COLLECT_BYTES = 8 << 30
 
-#: Model zoo adapters by prefix: "timm" -> build(name) -> nn.Module. Empty until the adapters land.
+#: Model zoo adapters by prefix: "timm" -> build(name) -> nn.Module (torch_logme.zoo registers its three).
 MODEL_ADAPTERS: Dict[str, Callable[[str], nn.Module]] = {}
 
 
@@ -110,7 +110,7 @@ def _builder(name: str, value: Any) -> Tuple[Callable[[], nn.Module], bool]:
     if isinstance(value, str):
         prefix, sep, ident = value.partition(":")
         if not sep or prefix not in MODEL_ADAPTERS:
-            known = ", ".join(f"{p}:" for p in MODEL_ADAPTERS) or "none yet (timm:, hf: and torchvision: are planned)"
+            known = ", ".join(f"{p}:" for p in MODEL_ADAPTERS) or "none"
             raise ValueError(
                 f"model {name!r}: {value!r} is not a model; a model given by name is '<zoo>:<name>' with a "
                 f"registered adapter (registered: {known}); otherwise pass an nn.Module or a zero-argument "
@@ -292,6 +292,7 @@ def _run_pass(name: str, model: nn.Module, data: Any, keys: List[Tuple[str, Laye
     """One forward pass over ``data`` with every layer hooked; key -> score -> accumulator."""
     device = _model_device(model)
     state: Dict[str, Any] = {"mask": None}
+    prepare = getattr(model, model_layers.PREPARE_ATTR, None)
 
     def features(key: str, spec: LayerSpec, value: Any) -> Tensor:
         try:
@@ -319,6 +320,8 @@ def _run_pass(name: str, model: nn.Module, data: Any, keys: List[Tuple[str, Laye
         batches = 0
         for batch in _progress(data, name, settings):
             inputs, labels = model_layers.split_batch(batch)
+            if prepare is not None:  # the model's own tokenizer or transform (model_layers.PREPARE_ATTR)
+                inputs = prepare(inputs)
             inputs = _to_device(inputs, device)
             labels = _to_device(torch.as_tensor(labels), device)
             state["mask"] = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
@@ -382,6 +385,9 @@ def _score_model(name: str, build: Callable[[], nn.Module], owned: bool, data: A
             printed = data_print()
             config = {"pool": _pool_id(settings.pool), "autocast": str(settings.autocast),
                       "model_output": settings.model_output}
+            prepare = getattr(model, model_layers.PREPARE_ATTR, None)
+            if prepare is not None:  # a tokenizer or transform shapes the features too
+                config["prepare"] = getattr(prepare, "cache_key", None) or _pool_id(prepare)
             paths = cache.paths(name, model_fingerprint(model), printed.digest, [k for k, _ in keys], config)
             arrays = cache.load(paths, printed.num_samples)
         if arrays is not None and printed is not None:
@@ -534,8 +540,10 @@ def rank_candidate_models(
         models: name -> ``nn.Module``, or -> a zero-argument callable that
             builds one (built when its turn comes and freed after, so that
             one candidate is in memory at a time); or a list (named
-            "model_0", ...). A string "<zoo>:<name>" needs an adapter
-            (:func:`register_adapter`); none is registered yet.
+            "model_0", ...). A string "<zoo>:<name>" is built by the
+            adapter registered for the zoo: "timm:resnet50",
+            "hf:bert-base-uncased", "torchvision:resnet50" (see
+            :mod:`torch_logme.zoo`), or any :func:`register_adapter` added.
         data: an iterable of batches, read once per model (a DataLoader or a
             list, not a one-shot iterator, when there are several models).
             A batch is (inputs, labels) or a dict with "labels"; inputs are
