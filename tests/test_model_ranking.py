@@ -604,3 +604,20 @@ def test_no_warnings_in_a_plain_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rank_models({"m": SmallCNN()}, loader(x, y), progress=False)
+
+
+def _empty_shard_body(rank: int, out_dir: str) -> None:
+    x, y = images()
+    batches = [(x[i:i + B], y[i:i + B]) for i in range(0, N, B)]
+    mine = batches if rank == 0 else []  # rank 1's shard is empty
+    try:
+        rank_models({"a": SmallCNN(0)}, mine, ("logme",), layers=["fc:input"], progress=False)
+    except ValueError as err:
+        torch.save(str(err), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_an_empty_shard_raises_on_every_rank_instead_of_hanging(tmp_path):
+    run_ranks(_empty_shard_body, (str(tmp_path),), 2, timeout=120, timeout_s=60)
+    messages = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert "no batches on some rank" in messages[0] and messages[1].startswith("data gave no batches")

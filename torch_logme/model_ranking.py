@@ -46,6 +46,7 @@ from .feature_cache import DataPrint, FeatureCache, data_fingerprint, model_fing
 from .model_layers import OUTPUT, LayerSpec
 from .model_result import ModelEntry, ModelRanking, PeakMemory, mib
 from .registry import DEFAULT_SCORE
+from .streaming import _default_device
 
 __all__ = [
     "rank_candidate_models", "ModelRanking", "ModelEntry", "register_adapter", "MODEL_ADAPTERS",
@@ -166,6 +167,19 @@ def _distributed() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _fewest_batches(batches: int) -> int:
+    """The fewest batches any rank saw (this rank's count outside torch.distributed).
+
+    Every rank decides together whether to go on: a rank without a batch
+    that raised alone would leave the others waiting in the sums' collectives.
+    """
+    if _distributed()[1] == 1:
+        return batches
+    count = torch.tensor([batches], dtype=torch.int64, device=_default_device())
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+    return int(count.item())
 
 
 # -- one model's pass --------------------------------------------------------------------------------------
@@ -331,8 +345,11 @@ def _run_pass(name: str, model: nn.Module, data: Any, keys: List[Tuple[str, Laye
                 with torch.inference_mode(), autocast:
                     _forward(model, inputs)
             batches += 1
-        if batches == 0:
-            raise ValueError("data gave no batches; it must yield (inputs, labels) batches")
+        if _fewest_batches(batches) == 0:
+            raise ValueError(
+                "data gave no batches" + (" on some rank" if batches else "")
+                + "; it must yield (inputs, labels) batches (under torch.distributed: on every rank)"
+            )
     return {key: scorer.accumulators[spec.name] for (key, spec), scorer in zip(keys, scorers.values())}
 
 
@@ -508,7 +525,9 @@ def _checked_data(data: Any, passes: int) -> None:
             f"data is a one-shot iterator ({type(data).__name__}) but is read once per model: pass a DataLoader "
             "or a list of batches"
         )
-    if hasattr(data, "__len__") and len(data) == 0:
+    # Outside torch.distributed only: there a rank's shard may be empty, and the ranks decide that together
+    # after the pass (``_fewest_batches``), so that no rank raises alone while the others wait.
+    if hasattr(data, "__len__") and len(data) == 0 and _distributed()[1] == 1:
         raise ValueError("data is empty: it must yield (inputs, labels) batches")
 
 
