@@ -770,9 +770,111 @@ def test_accumulator(name, data):
     assert _same(_fingerprint((x, y)), whole), f"{what} modified the inputs it was given batch by batch"
 
 
+# -- pooled scores' combinations ------------------------------------------------------------------
+
+POOLED = [name for name, spec in SCORES.items() if spec.pooled]
+
+
+@pytest.mark.parametrize("name", POOLED)
+@given(60, data=st.data())
+def test_combine(name, data):
+    """A pooled score's combine over any pool of finite terms [M, T] (ties and a pool of one included) is finite."""
+    CASES["examples"] += 1
+    spec = SCORES[name]
+    m = data.draw(st.integers(1, 6))
+    values = data.draw(st.lists(st.sampled_from([-1e6, -2.5, 0.0, 0.5, 1.0, 3.0, 1e6]),
+                                min_size=m * len(spec.terms), max_size=m * len(spec.terms)))
+    terms = torch.tensor(values, dtype=torch.float64).reshape(m, len(spec.terms))
+    out = check(f"{name} combine of {terms.tolist()}", lambda: spec.combine(terms), (terms,))
+    if isinstance(out, torch.Tensor):
+        assert out.shape == (m,)
+
+
+# -- checking scores against ground truth ----------------------------------------------------------
+
+
+def _constant(values: List[float]) -> bool:
+    return len(set(values)) <= 1
+
+
+@given(100, data=st.data())
+def test_evaluation(data):
+    """weighted_tau and evaluate_scores: finite, or NaN exactly where a sequence is constant (as scipy), or a
+    clear error."""
+    CASES["examples"] += 1
+    n = data.draw(st.integers(0, 8))
+    pick = st.sampled_from([0.0, 1.0, 1.0, 2.5, -3.0, 7.0, 1e-9, 1e9])
+    scores = data.draw(st.lists(pick, min_size=n, max_size=n))
+    truth = data.draw(st.lists(pick, min_size=n, max_size=n + data.draw(st.sampled_from([0, 0, 0, 1]))))
+    undefined = _constant(scores) or _constant(truth)
+    what = f"weighted_tau({scores}, {truth})"
+    before = (list(scores), list(truth))
+    CASES["calls"] += 1
+    try:
+        tau = torch_logme.weighted_tau(scores, truth)
+    except (ValueError, TypeError) as err:
+        CASES[type(err).__name__] += 1
+        assert len(scores) != len(truth) or len(scores) < 2, f"{what} raised {err!r}"
+    else:
+        assert math.isfinite(tau) or (undefined and math.isnan(tau)), f"{what} = {tau}"
+        CASES["finite" if math.isfinite(tau) else "nan (constant input)"] += 1
+    assert (scores, truth) == before
+    if len(scores) == len(truth) and n >= 2:
+        by_model = {f"m{i}": {"logme": v, "other": -v} for i, v in enumerate(scores)}
+        accuracy = {f"m{i}": v for i, v in enumerate(truth)}
+        out = check(f"evaluate_scores({by_model}, {accuracy})",
+                    lambda: torch_logme.evaluate_scores(by_model, accuracy).to_dict(), (by_model, accuracy))
+        assert not isinstance(out, BaseException), out
+
+
+# -- rank_models over candidate models ---------------------------------------------------------------
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, d: int, width: int, c: int, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.body = torch.nn.Linear(d, width)
+        self.head = torch.nn.Linear(width, c)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+@given(30, data=st.data())
+def test_rank_candidate_models(data):
+    """rank_models over 1 to 2 tiny models and any subset of the feature scores: finite or a clear error."""
+    CASES["examples"] += 1
+    part = data.draw(features(max_n=30, max_d=6, clean=10))
+    if not isinstance(part.x, torch.Tensor) or part.x.dim() != 2 or not part.x.is_floating_point():
+        return
+    x = part.x.to(torch.float32)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    y = torch.from_numpy(_labels(data.draw, x.shape[0], data.draw(st.integers(1, 4)), rng, huge=0))
+    size = data.draw(st.integers(1, 16))
+    batches = [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
+    watched = tuple(t for batch in batches for t in batch)
+    feature_scores = [n for n in NAMES if SCORES[n].input == "features"]
+    names = data.draw(st.lists(st.sampled_from(feature_scores), min_size=1, max_size=3, unique=True))
+    models = {f"m{i}": _Tiny(x.shape[1], data.draw(st.integers(1, 5)), 3, i) for i in range(data.draw(
+        st.integers(1, 2)))}
+    layers = data.draw(st.sampled_from([None, ["body"], ["body", "head"], "output"]))
+    what = f"rank_models(<{len(models)} models>, layers={layers}, scores={names})"
+    out = check(what, lambda: rank_models(models, batches, names, layers=layers, progress=False), watched,
+                bad=part.bad)
+    if isinstance(out, Ranking):
+        assert sorted(out.models) == sorted(models)
+
+
 def test_every_public_callable_is_covered():
     """Every public name that takes data is one of the entry points above (a new one needs a test here)."""
-    covered = {"logme", "LogME", "rank_models", "relabel", "accumulator", "nce"}
+    covered = {"logme", "LogME", "rank_models", "relabel", "accumulator", "nce", "weighted_tau", "evaluate_scores"}
+    covered |= {spec.combine.__name__ for spec in SCORES.values() if spec.combine is not None}
+    # Result types, made only by the functions above.
+    covered |= {"Evaluation", "ModelRanking"}
     covered |= {spec.fn.__name__ for spec in SCORES.values()}
     covered |= {spec.accumulator_cls.__name__ for spec in SCORES.values() if spec.accumulator_cls is not None}
     data_free = {"extension_available", "Ranking", "ScoreSpec", "SCORES", "__version__"}
