@@ -269,3 +269,22 @@ def test_a_pooled_score_is_judged_against_the_earlier_epochs(tmp_path, pooled_sc
     restored = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score=pooled_score)
     restored.load_state_dict(selector.state_dict())
     assert restored.terms == selector.terms
+
+
+def test_a_pooled_score_saves_an_epoch_that_beats_the_saved_one(tmp_path, pooled_score, monkeypatch):
+    """An earlier unsaved epoch that the pool now ranks higher does not stop a better-than-saved epoch."""
+    x, y = task()
+    model = make_model()
+    selector = CheckpointSelector(model, "0", loader_of(x, y), tmp_path, score=pooled_score)
+    # Terms per epoch (larger is better): the pool decides which epoch ranks where.
+    scripted = iter([[0.0, 0.0], [1.0, 1.0], [0.9, 0.0], [0.95, 0.5]])
+    monkeypatch.setattr(selector, "_measure", lambda: torch.tensor(next(scripted), dtype=torch.float64))
+    for _ in range(4):
+        selector.step()
+    assert selector.best_epoch == 1  # epoch 1 has the largest terms whatever the pool
+    pool = torch.tensor(selector.terms, dtype=torch.float64)
+    combined = ((pool - pool.amin(0)) / (pool.amax(0) - pool.amin(0))).sum(1)
+    assert selector.best_score == pytest.approx(float(combined[1]))
+    with pytest.raises(ValueError, match="terms are not 2 per epoch"):
+        selector.load_state_dict({**selector.state_dict(), "terms": [[1.0]]})
+    assert len(selector.terms) == 4  # the rejected state changed nothing

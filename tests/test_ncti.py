@@ -136,9 +136,11 @@ def test_combine_ties_and_bad_shapes():
     assert torch.equal(ncti_combine(one), torch.zeros(1, dtype=torch.float64))  # the published code: NaN
     tied = torch.tensor([[1.0, 0.5, 2.0], [3.0, 0.5, 2.0], [2.0, 0.5, 2.0]], dtype=torch.float64)
     assert torch.equal(ncti_combine(tied), torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64))
-    for bad in (torch.zeros(3), torch.zeros(2, 4), np.zeros((2, 3))):
+    for bad in (torch.zeros(3), torch.zeros(2, 4)):
         with pytest.raises(ValueError, match=r"\[M, 3\]"):
             ncti_combine(bad)
+    with pytest.raises(TypeError, match=r"\[M, 3\], got ndarray"):  # a wrong type is a TypeError, as in etran
+        ncti_combine(np.zeros((2, 3)))
 
 
 def test_class_nuclear_norms_blocks_and_windows(monkeypatch):

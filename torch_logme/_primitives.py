@@ -40,6 +40,8 @@ __all__ = [
     "add_rows_",
     "class_sums",
     "present_classes",
+    "ClassBlock",
+    "class_blocks",
     "add_gram_",
     "gram_full",
     "gram_eigh",

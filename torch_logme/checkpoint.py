@@ -220,9 +220,10 @@ class CheckpointSelector:
     def step(self, epoch: Optional[int] = None) -> float:
         """Score the model for ``epoch`` (default: the next number), save it if it is the best so far.
 
-        With a score normalised across a pool, "best so far" is judged with
-        the pool as it is now (this epoch and the earlier ones); an earlier
-        epoch's saved score is not revised when later epochs move the pool.
+        With a score normalised across a pool, the epoch is compared with the
+        saved one, both combined with the pool as it is now (this epoch and
+        the earlier ones), and ``best_score`` is the saved epoch's value in
+        that pool.
         """
         if epoch is None:
             epoch = self.history[-1][0] + 1 if self.history else 0
@@ -231,8 +232,10 @@ class CheckpointSelector:
         if self.spec.pooled:
             pool = self._pool.add(measured)
             value = pool[-1]
-            earlier = [v for v in pool[:-1] if not math.isnan(v)]
-            best = (max(earlier) if self.spec.larger_is_better else min(earlier)) if earlier else None
+            # The epoch on disk, in the pool as it is now (the pool's rows follow the history's).
+            saved = [i for i, (e, _) in enumerate(self.history) if e == self.best_epoch and i < len(pool) - 1]
+            best = pool[saved[-1]] if saved else None
+            self.best_score = best
         else:
             value = float(measured)
         self.history.append((epoch, value))
@@ -264,9 +267,13 @@ class CheckpointSelector:
                 f"the state was saved while selecting on {saved!r}, this selector selects on {self.score_name!r}: "
                 "its best score is not comparable"
             )
-        self.history = [(int(e), float(s)) for e, s in state["history"]]
-        self._pool.terms = [[float(v) for v in t] for t in state.get("terms", [])]
+        # Everything parsed before anything is set: a malformed state changes nothing.
+        history = [(int(e), float(s)) for e, s in state["history"]]
+        terms = [[float(v) for v in t] for t in state.get("terms", [])]
+        if self.spec.pooled and any(len(t) != len(self.spec.terms) for t in terms):
+            raise ValueError(f"the state's terms are not {len(self.spec.terms)} per epoch ({self.spec.terms})")
         best_epoch, best_score = state["best_epoch"], state["best_score"]
         if best_score is not None and math.isnan(float(best_score)):
             best_epoch, best_score = None, None
+        self.history, self._pool.terms = history, terms
         self.best_epoch, self.best_score = best_epoch, best_score

@@ -82,8 +82,12 @@ class CollectingAccumulator(OwnLock):
 
         Returns the rows and int64 labels on ``device`` (default: where they are).
         """
+        return self._checked(inputs, labels, device, self.num_features if self.num_features is not None
+                             else self._width())
+
+    def _checked(self, inputs: Any, labels: Any, device: Optional[torch.device],
+                 width: Optional[int]) -> Tuple[Tensor, Tensor]:
         x = as_tensor(inputs, self.spec.input)
-        width = self.num_features if self.num_features is not None else self._width()
         if x.dim() != 2 or (width is not None and x.shape[1] != width):
             expected = f"[B, {width}]" if width is not None else "[B, D]"
             raise ValueError(f"{self.spec.input} must be {expected} (batch x width), got shape {tuple(x.shape)}")
@@ -117,7 +121,7 @@ class CollectingAccumulator(OwnLock):
     def compute(self) -> Tensor:
         """The score of every batch kept (on every rank's rows, when distributed)."""
         with self._lock:
-            if self.sync_on_compute and _distributed_ready() and not self._synced:
+            if self.sync_on_compute and _distributed_ready():
                 rows, labels = self._gathered(None)
             else:
                 rows, labels = self._data()
@@ -141,6 +145,7 @@ class CollectingAccumulator(OwnLock):
                 theirs = other._config() if isinstance(other, CollectingAccumulator) else type(other).__name__
                 raise ValueError(f"cannot merge {theirs} into {self._config()}")
             widths = {r.shape[1] for r in self._rows + other._rows}
+            widths |= {w for w in (self.num_features, other.num_features) if w is not None}
             if len(widths) > 1:
                 raise ValueError(f"cannot merge rows of widths {sorted(widths)}: every batch must have one width")
             self._rows = self._rows + [r.clone() for r in other._rows]
@@ -173,28 +178,35 @@ class CollectingAccumulator(OwnLock):
                     f"state_dict rows {tuple(rows.shape)} and labels {tuple(labels.shape)} do not match: "
                     "expected [N, D] and [N]"
                 )
-            if rows.shape[0]:
-                x, y = self.check_batch(rows, labels, self.compute_options.device)
+            if rows.shape[0]:  # checked against the width set up front, not the rows it replaces
+                x, y = self._checked(rows, labels, self.compute_options.device, self.num_features)
                 self._rows, self._labels = [x.clone()], [y.clone()]
             else:
                 self._rows, self._labels = [], []
             self._synced = False
 
     def sync(self, group: Any = None) -> "CollectingAccumulator":
-        """Replace the local rows with every rank's (in rank order); ``compute()`` then gathers no more."""
+        """Replace the local rows with every rank's (in rank order); ``compute()`` then gathers no more.
+
+        Every rank must call it; a second ``sync()`` with nothing new is a no-op on every rank.
+        """
         with self._lock:
-            if _distributed_ready() and not self._synced:
-                rows, labels = self._gathered(group)
-                self._rows, self._labels = [rows], [labels]
-                self._synced = True
+            if not _distributed_ready():
+                raise RuntimeError("sync() needs an initialised torch.distributed process group")
+            rows, labels = self._gathered(group)
+            self._rows, self._labels = [rows], [labels]
+            self._synced = True
             return self
 
     def _gathered(self, group: Any) -> Tuple[Tensor, Tensor]:
-        """Every rank's rows and labels, concatenated in rank order (two rounds of all_gather).
+        """Every rank's rows and labels, concatenated in rank order.
 
-        The first round exchanges each rank's row count, width and settings,
-        so that every rank raises the same error on a mismatch instead of
-        one rank waiting in the second round.
+        A first all_gather exchanges each rank's row count, width, dtype,
+        settings and whether ``sync()`` has already made its rows the global
+        ones, so that every rank takes the same branch: all synced, their own
+        rows; a mismatch (or some synced and some not), the same ValueError
+        on every rank instead of one rank waiting in a collective the others
+        skip; else a second round gathers the rows.
         """
         dist = torch.distributed
         local = self._data() if self._rows else None
@@ -206,7 +218,8 @@ class CollectingAccumulator(OwnLock):
         digest = int.from_bytes(hashlib.sha256(repr(self._config()).encode()).digest()[:7], "little")
         dtype_code = -1 if local is None else _DTYPES.index(local[0].dtype)
         width = -1 if local is None else local[0].shape[1]
-        header = torch.tensor([self.num_samples, width, dtype_code, digest], dtype=torch.int64, device=device)
+        header = torch.tensor([self.num_samples, width, dtype_code, digest, int(self._synced)], dtype=torch.int64,
+                              device=device)
         headers = [torch.zeros_like(header) for _ in range(world)]
         dist.all_gather(headers, header, group=group)
         table = torch.stack(headers).cpu().tolist()
@@ -214,10 +227,17 @@ class CollectingAccumulator(OwnLock):
         if len({h[3] for h in table}) > 1 or len({(h[1], h[2]) for h in present}) > 1:
             raise ValueError(
                 f"{self.spec.name}: ranks disagree on settings, width or dtype of the rows "
-                f"(count, width, dtype, settings per rank: {table})"
+                f"(count, width, dtype, settings, synced per rank: {table})"
+            )
+        if len({h[4] for h in table}) > 1:
+            raise ValueError(
+                f"{self.spec.name}: some ranks have synced their rows and others have new ones since "
+                f"(synced per rank: {[h[4] for h in table]}); call sync() on every rank, or update every rank"
             )
         if not present:
             raise ValueError(f"{self.spec.name}: no rank has a batch yet; call update() first")
+        if table[0][4]:  # every rank holds the global rows already
+            return self._data()
         longest = max(h[0] for h in table)
         width, dtype = present[0][1], _DTYPES[present[0][2]]
         rows = torch.zeros(longest, width, dtype=dtype, device=device)

@@ -165,7 +165,7 @@ def solve(inputs: Inputs, options: LogMEOptions, *, with_basis: bool) -> Tuple[_
 
 
 def compute_evidence(state: Union[Inputs, SufficientStatistics], options: LogMEOptions) -> Tuple[Tensor, Tensor]:
-    """LogME's compute stage: (evidence [C], class counts [C]) from its state.
+    """LogME's compute stage: (evidence [C], y^T y per column [C]: the class counts when classifying) from its state.
 
     The state is the whole data set (validated inputs: the functional form's
     one update holds the rows, which the N <= D and precise routes read), or

@@ -265,7 +265,8 @@ class _Collected:
                 self.itemsize = rows.element_size()
                 self._estimate()
             self.bytes += rows.shape[0] * rows.shape[1] * rows.element_size() * count
-            self.check(self.bytes, "already keep")
+            if _distributed()[1] == 1:  # under torch.distributed a rank alone must not raise mid-pass
+                self.check(self.bytes, "already keep")
 
 
 def _compute(model: str, key: str, accs: Mapping[str, Any]) -> Dict[str, Any]:
@@ -407,6 +408,9 @@ def _score_model(name: str, build: Callable[[], nn.Module], owned: bool, data: A
                 config["prepare"] = getattr(prepare, "cache_key", None) or _pool_id(prepare)
             paths = cache.paths(name, model_fingerprint(model), printed.digest, [k for k, _ in keys], config)
             arrays = cache.load(paths, printed.num_samples)
+            # Every rank reads its own cache: all take it, or all run the pass (their collectives must pair).
+            if _fewest_batches(int(arrays is not None)) == 0:
+                arrays = None
         if arrays is not None and printed is not None:
             collected.before({k: a.shape[1] for k, a in arrays.items()}, _num_samples(data) or printed.num_samples)
             accs = _from_cache(arrays, printed.labels, where, settings, collected)
@@ -670,8 +674,10 @@ def rank_candidate_models(
     def data_print() -> DataPrint:
         if not printed:  # once per call, for every model
             printed.append(data_fingerprint(data, model_layers.split_batch, rank, world))
-            if not printed[0].labels:
-                raise ValueError("data gave no batches; it must yield (inputs, labels) batches")
+            # Decided with the other ranks (a rank's shard may be empty): none raises alone.
+            if _fewest_batches(len(printed[0].labels)) == 0:
+                raise ValueError("data gave no batches (under torch.distributed: on some rank); it must yield "
+                                 "(inputs, labels) batches")
         return printed[0]
 
     raws = {}

@@ -340,7 +340,9 @@ def ncti_combine(terms: Tensor) -> Tensor:
     which every model ties (and so a pool of one) contributes 0, where the
     published code divides 0 by 0.
     """
-    if not isinstance(terms, Tensor) or terms.dim() != 2 or terms.shape[1] != len(TERMS):
+    if not isinstance(terms, Tensor):
+        raise TypeError(f"terms must be a tensor [M, {len(TERMS)}], got {type(terms).__name__}")
+    if terms.dim() != 2 or terms.shape[1] != len(TERMS):
         raise ValueError(f"terms must be a tensor [M, {len(TERMS)}] of ({', '.join(TERMS)}) per model")
     low = terms.amin(0)
     span = terms.amax(0) - low

@@ -80,7 +80,9 @@ class Ranking:
         return self.entries[index]
 
     def to_dict(self) -> Dict[str, Any]:
-        """{"ranked_by", "scores", "larger_is_better", "ranking": [{"rank", "model", <score>: value}]}.
+        """{"ranked_by", "scores", "larger_is_better", "ranking": [{"rank", "model", <score>: value}], "notes"}.
+
+        A pooled score's row also holds each term, as "<score>.<term>".
 
         NaN scores become None (JSON null).
         """

@@ -19,7 +19,8 @@ NCE's pair counts), and a compute, ``<score>_compute(state, ...)``, which
 turns the state into the score. An accumulator
 (``torch_logme.streaming_scores``) runs the update per batch and the compute
 on its sums. The functional form runs the update once, on the whole data
-set (``update_once``), then the same compute. Where a form that reads the
+set (``update_once``, or ``_moments`` for a score without a held form), then
+the same compute. Where a form that reads the
 rows themselves is cheaper (N <= D: the N x N Gram matrix; TransRate's
 per-class blocks), that one update holds the rows (a ``WholeData``) instead
 of summing them, and the compute takes that form for it.

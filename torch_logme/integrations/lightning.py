@@ -62,6 +62,12 @@ class ScoreCallback(pl.Callback):
 
     ``score_name`` is the score; ``mode`` is ``"max"`` or ``"min"``, its
     direction, for ``ModelCheckpoint(monitor=callback.key, mode=callback.mode)``.
+    A score normalised across a pool (``SCORES[score].pooled``: NCTI, ETran)
+    is logged combined with the epochs so far (0 for the first), so its
+    values move as the pool grows and ``ModelCheckpoint`` cannot compare
+    them across epochs: select on such a score with
+    :class:`torch_logme.CheckpointSelector`, which compares with the pool as
+    it stands; the terms are logged too, as ``f"{key}/{term}"``.
     ``history`` holds (epoch, score) for every scored epoch. The sanity-check
     validation before training is not scored.
     """
@@ -142,6 +148,9 @@ class ScoreCallback(pl.Callback):
             return
         (value,) = scorer.compute().values()  # sums across ranks when distributed
         score = self._pool.add(value)[-1] if self._pool.spec.pooled else float(value)
+        if self._pool.spec.pooled:  # the raw terms do not move with the pool
+            for term, v in zip(self._pool.spec.terms, self._pool.terms[-1]):
+                pl_module.log(f"{self.key}/{term}", v, prog_bar=False, sync_dist=False)
         self.history.append((trainer.current_epoch, score))
         # Already the same on every rank: no sync_dist needed.
         pl_module.log(self.key, score, prog_bar=self.prog_bar, sync_dist=False)
@@ -162,8 +171,9 @@ class ScoreCallback(pl.Callback):
         return {"history": list(self.history), "terms": [list(t) for t in self._pool.terms]}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.history = [(int(e), float(s)) for e, s in state_dict.get("history", [])]
-        self._pool.terms = [[float(v) for v in t] for t in state_dict.get("terms", [])]
+        history = [(int(e), float(s)) for e, s in state_dict.get("history", [])]  # parsed first: all or nothing
+        terms = [[float(v) for v in t] for t in state_dict.get("terms", [])]
+        self.history, self._pool.terms = history, terms
 
 
 class LogMECallback(ScoreCallback):

@@ -92,8 +92,10 @@ class TransferabilityMetric(Metric):
     transferability score, as ``torch_logme.SCORES`` names it.
 
     Args:
-        score: a key of ``torch_logme.SCORES`` whose score streams
-            (``SCORES[score].streams``).
+        score: a key of ``torch_logme.SCORES``. For a score that cannot
+            stream (``SCORES[score].streams`` False) the metric made is a
+            :class:`CollectedScoreMetric` (not an instance of this class),
+            which keeps every batch.
         num_features: the width of the batches: D for a score that reads
             features [B, D]; Cs, the number of source classes, for one that
             reads source-class probabilities [B, Cs] (``spec.input``).
@@ -119,8 +121,8 @@ class TransferabilityMetric(Metric):
     (B >= 2). ``higher_is_better`` follows the score's spec.
 
     Raises:
-        ValueError: for an unknown score, one that does not stream, a
-            missing ``num_features`` or ``num_classes``, or an option
+        ValueError: for an unknown score, a missing ``num_features`` or
+            ``num_classes`` (streaming scores), or an option
             neither the score nor torchmetrics takes.
     """
 
@@ -451,7 +453,10 @@ class CollectedScoreMetric(Metric):
             the first batch's.
         num_classes: accepted for a signature like ``TransferabilityMetric``'s;
             the labels set the classes.
-        dtype: the compute precision of the score.
+        dtype: the compute precision of the score. Module-wide casts
+            (``.half()``, ``set_dtype``) move the kept rows but keep their dtype.
+        check_inputs: accepted for a signature like ``TransferabilityMetric``'s;
+            every batch is checked (one host read), as nothing is summed.
         **kwargs: the score's own options (its functional form's keywords)
             and torchmetrics ``Metric`` options.
     """
@@ -462,7 +467,7 @@ class CollectedScoreMetric(Metric):
 
     def __init__(
         self, score: str, num_features: Optional[int] = None, num_classes: Optional[int] = None, *,
-        dtype: torch.dtype = torch.float64, **kwargs: Any,
+        dtype: torch.dtype = torch.float64, check_inputs: bool = True, **kwargs: Any,
     ) -> None:
         spec = get_score(score)
         options = _init_metric(self, spec, kwargs, f"TransferabilityMetric(score={score!r})")
@@ -486,19 +491,36 @@ class CollectedScoreMetric(Metric):
 
     def compute(self) -> Tensor:
         """The score of every batch since the last reset (of every process, once torchmetrics has synced)."""
-        kept: List[Tensor] = []
+        return self._accumulator().compute()
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        # torchmetrics' gather of list states cannot take a rank without rows (its placeholder has another
+        # shape and dtype: gloo aborts); the collecting accumulator's gather agrees on a header first.
+        acc = self._accumulator()
+        rows, labels = acc._gathered(process_group)
+        self.rows = [rows]
+        self.labels = [labels]
+
+    def _accumulator(self) -> CollectingAccumulator:
+        """A collecting accumulator holding this metric's rows (not copies)."""
+        acc = copy.copy(self._checker)
+        kept: List[Any] = []
         states: Tuple[Any, Any] = (self.rows, self.labels)
         for value in states:  # lists, or tensors once synced
-            if isinstance(value, Tensor):
-                kept.append(value)
-            elif value:
-                kept.append(torch.cat(list(value)))
-        if len(kept) != 2:
-            raise ValueError(f"{self.score}: no batch yet; call update() first")
-        rows, labels = kept
-        acc = copy.copy(self._checker)
-        acc._rows, acc._labels = [rows], [labels]
-        return acc.compute()
+            kept.append([value] if isinstance(value, Tensor) else list(value))
+        acc._rows, acc._labels = kept
+        return acc
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = ()) -> Module:
+        # The kept rows go where fn sends them but keep their dtype, as TransferabilityMetric's sums do.
+        keep = tuple(exclude_state)
+        super()._apply(fn, exclude_state=keep + ("rows", "labels"))
+        for key in ("rows", "labels"):
+            if key not in keep:
+                value: Any = getattr(self, key)
+                moved = [_device_only(fn, v) for v in value] if isinstance(value, list) else _device_only(fn, value)
+                setattr(self, key, moved)
+        return self
 
     def extra_repr(self) -> str:
         return f"score={self.score!r}, num_features={self.num_features}"
