@@ -83,3 +83,15 @@ def test_synced_and_unsynced_ranks_raise_together(tmp_path):
         first, message = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(first, want)
         assert "some ranks have synced" in message
+
+
+def test_rows_that_are_not_probabilities_are_refused_at_update():
+    acc = accumulator("leep", None, collect=True)
+    y = torch.tensor([0, 1, 1])
+    probs = torch.tensor([[0.2, 0.8], [0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
+    acc.update(probs, y)
+    with pytest.raises(ValueError, match="must sum to 1"):
+        acc.update(torch.tensor([[0.7, 0.7], [0.3, 0.3]]), y[:2])
+    with pytest.raises(ValueError, match="negative"):
+        acc.update(torch.tensor([[1.5, -0.5]]), y[:1])
+    assert torch.equal(acc.compute(), SCORES["leep"].fn(probs, y))  # the refused batches left nothing

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import as_tensor, prepare
+from ._checks import PROB_SUM_TOL, as_tensor, prepare
 from ._options import compute_options
 from ._validators import positive_int
 from .streaming import OwnLock, _default_device, _distributed_ready
@@ -92,6 +92,8 @@ class CollectingAccumulator(OwnLock):
             expected = f"[B, {width}]" if width is not None else "[B, D]"
             raise ValueError(f"{self.spec.input} must be {expected} (batch x width), got shape {tuple(x.shape)}")
         checked = prepare(x, labels, regression=False, num_classes=None, device=device, batch=True)
+        if self.spec.input == "probs":  # caught here, not at compute() after every later batch
+            _check_probability_rows(checked.features)
         return checked.features, checked.targets
 
     def _width(self) -> Optional[int]:
@@ -257,6 +259,17 @@ class CollectingAccumulator(OwnLock):
 #: The dtypes rows can have after ``prepare`` (unsigned ones are widened), by their code in the header.
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool)
+
+
+def _check_probability_rows(p: Tensor) -> None:
+    """ValueError unless the finite rows p [B, Cs] are probabilities (non-negative, summing to 1); one host read."""
+    low, off = torch.stack([p.min().to(torch.float64), (p.sum(1, dtype=torch.float64) - 1).abs().max()]).tolist()
+    if low < 0:
+        raise ValueError(f"source probabilities must be in [0, 1], got a negative value {low:g}")
+    if off > PROB_SUM_TOL:
+        raise ValueError(
+            f"source probability rows must sum to 1 (softmax outputs, not logits); a row is off by {off:.3g}"
+        )
 
 
 def keywords(spec: Any) -> Tuple[str, ...]:
