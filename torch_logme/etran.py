@@ -28,8 +28,7 @@ from ._checks import check_class_count, prepare
 from ._options import compute_options
 from ._primitives import add_rows_, present_classes, row_chunks
 from .scores import _resolvable, framed, make_frame
-from .sfda import POWER_ITERATIONS, _within_scatter, adaptive_shrinkage, discriminant
-from .sums import CONSTANT_COLUMN_EPS
+from .sfda import POWER_ITERATIONS, adaptive_shrinkage, discriminant, within_covariance
 
 __all__ = ["etran", "etran_combine", "energy_count", "TERMS", "WEIGHTS"]
 
@@ -98,13 +97,8 @@ def _lda(f: Tensor, targets: Tensor, num_classes: int, dtype: torch.dtype, legac
         weights = torch.ldexp(own, unscale).T
         bias = -0.5 * (own * own).sum(1) + priors.log()
     else:
-        within = _within_scatter(chunks(), y, means) / n
-        second = (sums * means).sum() / n + within.trace()
-        if float(within.trace()) <= CONSTANT_COLUMN_EPS * torch.finfo(dtype).eps * float(second):
-            raise ValueError(
-                "ETran: the features are constant within every class, so the within-class covariance is 0 and "
-                "the LDA term is undefined (legacy_lda=True, the published nearest-mean form, needs none)"
-            )
+        within = within_covariance(chunks(), y, sums, means, n, "ETran", "the LDA term is undefined "
+                                   "(legacy_lda=True, the published nearest-mean form, needs none)")
         shrinkage = adaptive_shrinkage(within, POWER_ITERATIONS, log2_scale)
         weights, bias = discriminant(within, means, priors, shrinkage)
     total = torch.zeros((), dtype=dtype, device=f.device)

@@ -118,6 +118,24 @@ def discriminant(within: Tensor, means: Tensor, priors: Tensor, shrinkage: float
     return weights, bias
 
 
+def within_covariance(
+    chunks: Iterator[Tuple[slice, Tensor]], labels: Tensor, sums: Tensor, means: Tensor, n: int, name: str, why: str
+) -> Tensor:
+    """The within-class covariance [D, D] (normalised by N) of the chunked rows, given class sums and means [K, D].
+
+    Raises ValueError (``name``: ``why``) when it is round-off of the second
+    moment it is taken from: features constant within every class.
+    """
+    within = _within_scatter(chunks, labels, means) / n
+    # The within-class spread, next to the round-off of the second moment it is taken from.
+    second = (sums * means).sum() / n + within.trace()
+    if float(within.trace()) <= CONSTANT_COLUMN_EPS * torch.finfo(within.dtype).eps * float(second):
+        raise ValueError(
+            f"{name}: the features are constant within every class, so the within-class covariance is 0 and {why}"
+        )
+    return within
+
+
 def _within_scatter(chunks: Iterator[Tuple[slice, Tensor]], labels: Tensor, means: Tensor) -> Tensor:
     """sum (x - mu_y)(x - mu_y)^T [D, D] over the rows the chunks yield: centred per class, so no cancellation."""
     d = means.shape[1]
@@ -193,14 +211,7 @@ def sfda(
         for rows, x in chunks():
             add_rows_(sums, y[rows], x)
         means = sums / counts[:, None]
-        within = _within_scatter(chunks(), y, means) / n
-        # The within-class spread, next to the round-off of the second moment it is taken from.
-        second = (sums * means).sum() / n + within.trace()
-        if float(within.trace()) <= CONSTANT_COLUMN_EPS * torch.finfo(dtype).eps * float(second):
-            raise ValueError(
-                "SFDA: the features are constant within every class, so the within-class covariance is 0 and "
-                "the Fisher discriminant is undefined"
-            )
+        within = within_covariance(chunks(), y, sums, means, n, "SFDA", "the Fisher discriminant is undefined")
         if shrinkage is None:
             shrinkage = adaptive_shrinkage(within, power_iterations, float(frame.log2_scale[0]))
         weights, bias = discriminant(within, means, priors, shrinkage)
