@@ -18,17 +18,15 @@ the published scores [M] of M models.
 """
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ._checks import check_class_count, prepare
 from ._options import compute_options
-from ._primitives import add_rows_, present_classes, row_chunks
-from .scores import _resolvable, framed, make_frame
-from .sfda import POWER_ITERATIONS, adaptive_shrinkage, discriminant, within_covariance
+from ._primitives import row_chunks
+from .sfda import POWER_ITERATIONS, adaptive_shrinkage, class_data, discriminant, within_covariance
 
 __all__ = ["etran", "etran_combine", "energy_count", "TERMS", "WEIGHTS"]
 
@@ -75,20 +73,10 @@ def _lda(f: Tensor, targets: Tensor, num_classes: int, dtype: torch.dtype, legac
     (the probabilities do not depend on a shift) and scaled by a power of
     two, undone where the score reads the features' own units.
     """
-    n, d = f.shape
-    y, counts = present_classes(targets, num_classes, dtype)
-    k = counts.shape[0]
-    frame = make_frame(f, dtype, per_column=False, power=2, largest=magnitude)
-    _resolvable(frame, dtype, 2, "ETran")
-    log2_scale = float(frame.log2_scale[0])
-    chunks: Callable[[], Iterator[Tuple[slice, Tensor]]] = partial(
-        row_chunks, f, dtype, partial(framed, dtype=dtype, shift=frame.shift, scale=frame.scale)
-    )
-    sums = torch.zeros(k, d, dtype=dtype, device=f.device)
-    for rows, x in chunks():
-        add_rows_(sums, y[rows], x)
-    means = sums / counts[:, None]
-    priors = counts / n
+    n = f.shape[0]
+    data = class_data(f, targets, num_classes, dtype, magnitude, "ETran")
+    y, chunks, sums, means, priors = data.labels, data.chunks, data.sums, data.means, data.priors
+    log2_scale = float(data.frame.log2_scale[0])
     if legacy:
         # The published eigenvectors are orthonormal, so its coefficients mu V V^T are the means:
         # class scores x . mu_c - |mu_c|^2 / 2 + log prior_c, in the features' own units.

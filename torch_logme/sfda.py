@@ -19,6 +19,7 @@ chunks; memory is O(D^2 + C D + N) besides the features.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Tuple
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from ._checks import prepare
 from ._primitives import add_gram_, add_rows_, gram_full, present_classes, row_chunks
 from ._validators import boolean, positive_int
-from .scores import Device, _check_classes, _finite, _resolvable, _resolve, framed, make_frame
+from .scores import Device, Frame, _check_classes, _finite, _resolvable, _resolve, framed, make_frame
 from .sums import CONSTANT_COLUMN_EPS
 
 __all__ = ["sfda", "SHRINKAGE_RATE", "MIN_SHRINKAGE", "POWER_ITERATIONS"]
@@ -118,6 +119,52 @@ def discriminant(within: Tensor, means: Tensor, priors: Tensor, shrinkage: float
     return weights, bias
 
 
+@dataclass
+class ClassData:
+    """Features in one frame, with labels over the classes present and their sums: where a Fisher fit starts.
+
+    labels: [N] ids 0..K-1 over the K classes present; counts, priors: [K].
+    frame: the features' frame (one power of two for all columns);
+    chunks: a fresh iterator of (rows, framed rows [R, D]) per call.
+    sums, means: [K, D] class sums and means of the framed rows.
+    """
+
+    labels: Tensor
+    counts: Tensor
+    frame: Frame
+    chunks: Callable[[], Iterator[Tuple[slice, Tensor]]]
+    sums: Tensor
+    means: Tensor
+    priors: Tensor
+
+
+def class_data(
+    f: Tensor, targets: Tensor, num_classes: int, dtype: torch.dtype, magnitude: Optional[float], name: str,
+    *, two_classes: bool = False,
+) -> ClassData:
+    """Features f [N, D] and class ids [N] framed and summed per class present, as SFDA and ETran's LDA take them.
+
+    ``two_classes``: raise ValueError (naming ``name``) for fewer than two
+    classes present, before any pass over the features.
+    """
+    n, d = f.shape
+    y, counts = present_classes(targets, num_classes, dtype)
+    k = counts.shape[0]
+    if two_classes and k < 2:
+        raise ValueError(f"{name} needs at least two classes in labels, got {k}")
+    # One power of two for all columns: the shrinkage target (tr S_w / D) I is not per column.
+    frame = make_frame(f, dtype, per_column=False, power=2, largest=magnitude)
+    _resolvable(frame, dtype, 2, name)
+    chunks: Callable[[], Iterator[Tuple[slice, Tensor]]] = partial(
+        row_chunks, f, dtype, partial(framed, dtype=dtype, shift=frame.shift, scale=frame.scale)
+    )
+    priors = counts / n
+    sums = torch.zeros(k, d, dtype=dtype, device=f.device)
+    for rows, x in chunks():
+        add_rows_(sums, y[rows], x)
+    return ClassData(y, counts, frame, chunks, sums, sums / counts[:, None], priors)
+
+
 def within_covariance(
     chunks: Iterator[Tuple[slice, Tensor]], labels: Tensor, sums: Tensor, means: Tensor, n: int, name: str, why: str
 ) -> Tensor:
@@ -196,21 +243,11 @@ def sfda(
     _check_classes(inputs, lambda c, d: c * d, "SFDA's class means (C x D)")
     f, n, d = inputs.features, inputs.num_samples, inputs.num_features
     with torch.no_grad():
-        y, counts = present_classes(inputs.targets, inputs.num_columns, dtype)
-        k = counts.shape[0]
-        if k < 2:
-            raise ValueError(f"SFDA needs at least two classes in labels, got {k}")
-        # One power of two for all columns: the shrinkage target (tr S_w / D) I is not per column.
-        frame = make_frame(f, dtype, per_column=False, power=2, largest=inputs.magnitude)
-        _resolvable(frame, dtype, 2, "SFDA")
-        chunks: Callable[[], Iterator[Tuple[slice, Tensor]]] = partial(
-            row_chunks, f, dtype, partial(framed, dtype=dtype, shift=frame.shift, scale=frame.scale)
+        data = class_data(f, inputs.targets, inputs.num_columns, dtype, inputs.magnitude, "SFDA", two_classes=True)
+        y, counts, frame, chunks, sums, means, priors = (
+            data.labels, data.counts, data.frame, data.chunks, data.sums, data.means, data.priors
         )
-        priors = counts / n
-        sums = torch.zeros(k, d, dtype=dtype, device=f.device)
-        for rows, x in chunks():
-            add_rows_(sums, y[rows], x)
-        means = sums / counts[:, None]
+        k = counts.shape[0]
         within = within_covariance(chunks(), y, sums, means, n, "SFDA", "the Fisher discriminant is undefined")
         if shrinkage is None:
             shrinkage = adaptive_shrinkage(within, power_iterations, float(frame.log2_scale[0]))
