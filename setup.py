@@ -187,9 +187,14 @@ setup(
         # here and run in .ci/oldest.sh, where torch and torchvision match.
         "test": [
             "pytest>=7", "numba>=0.57", "scipy", "torchmetrics>=1.0", "lightning>=2.0",
-            "scikit-learn>=1.0", "hypothesis>=6", "transformers>=4.30", "pillow",
+            "scikit-learn>=1.0", "hypothesis>=6", "transformers>=4.30", "pillow", "matplotlib>=3.5",
         ],
         "bench": ["pytest-benchmark>=4", "numba>=0.57", "scipy"],
+        # Ranking.plot() and Evaluation.plot().
+        "plot": ["matplotlib>=3.5"],
+        # The documentation site (mkdocs.yml): MkDocs with the Material theme,
+        # the API reference from the docstrings, and the plots it shows.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["torch-logme=torch_logme.__main__:main"]},
 )

@@ -1,0 +1,149 @@
+"""Every ```python block of the README and of the documentation site runs, so none can rot.
+
+The blocks of one page run in order in one namespace (a guide builds its
+example up over several blocks), in a fresh working folder, on the CPU.
+An HTML comment on the line just before a block changes how it is run:
+
+- ``<!-- docs-test: skip (why) -->``: compiled, not run (a block that needs
+  a network, a GPU or a model hub);
+- ``<!-- docs-test: requires lightning -->``: runs when those modules import
+  (the optional extras), else the page skips from that block on;
+- ``<!-- docs-test: distributed -->``: a script for ``torchrun``; it runs in
+  two processes, with the environment torchrun would give them, and must
+  print the same ``... over N ranks: <score>`` as one process does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+_BLOCK = re.compile(r"(?:^<!--\s*docs-test:\s*(?P<directive>.*?)\s*-->\n)?^```python[^\n]*\n(?P<code>.*?)^```", re.S | re.M)
+
+
+@dataclass
+class Block:
+    page: str
+    line: int
+    code: str
+    directive: str
+
+    @property
+    def kind(self) -> str:
+        return self.directive.split(maxsplit=1)[0] if self.directive else "run"
+
+
+def page_blocks(path: Path) -> list[Block]:
+    text = path.read_text(encoding="utf-8")
+    name = str(path.relative_to(ROOT))
+    blocks = []
+    for match in _BLOCK.finditer(text):
+        line = text.count("\n", 0, match.start("code")) + 1
+        blocks.append(Block(name, line, match.group("code"), match.group("directive") or ""))
+    return blocks
+
+
+BLOCKS = {str(p.relative_to(ROOT)): page_blocks(p) for p in PAGES}
+RUNNABLE = [page for page, blocks in BLOCKS.items() if any(b.kind != "distributed" for b in blocks)]
+DISTRIBUTED = [b for blocks in BLOCKS.values() for b in blocks if b.kind == "distributed"]
+
+
+def test_directives_are_known():
+    for blocks in BLOCKS.values():
+        for b in blocks:
+            assert b.kind in ("run", "skip", "requires", "distributed"), f"{b.page}:{b.line}: {b.directive!r}"
+            if b.kind == "skip":
+                assert "(" in b.directive, f"{b.page}:{b.line}: say why a block is skipped: skip (why)"
+
+
+def test_readme_has_a_runnable_quickstart():
+    readme = [b for b in BLOCKS["README.md"] if b.kind == "run"]
+    assert readme and any("torch_logme" in b.code for b in readme)
+
+
+def _exec(block: Block, namespace: dict) -> None:
+    # The file name and line make a failing block's traceback point into the page.
+    code = "\n" * (block.line - 1) + block.code
+    exec(compile(code, block.page, "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", RUNNABLE)
+def test_page_runs(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints, CSV files and plots go to tmp_path
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # plots render headless
+    namespace: dict = {"__name__": "docs_example"}
+    for block in BLOCKS[page]:
+        if block.kind == "skip" or block.kind == "distributed":
+            compile(block.code, block.page, "exec")  # at least it parses
+            continue
+        if block.kind == "requires":
+            missing = [m for m in block.directive.split()[1:] if importlib.util.find_spec(m) is None]
+            if missing:
+                pytest.skip(f"{page}:{block.line} needs {', '.join(missing)}")
+        _exec(block, namespace)
+
+
+def _launch(script: Path, world: int):
+    """Start ``world`` processes as torchrun would (RANK, WORLD_SIZE, ... in the environment)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=script.parent,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+_RESULT = re.compile(r"over (\d+) ranks: (-?[\d.]+)")
+
+
+def _score(procs) -> float:
+    """The score that rank 0 printed."""
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the distributed example did not finish in 300 s: killed")
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    found = _RESULT.search(outputs[0])
+    assert found, outputs[0]
+    assert int(found.group(1)) == len(procs)
+    return float(found.group(2))
+
+
+def test_there_is_a_distributed_example():
+    assert DISTRIBUTED, "the streaming and distributed guide should show a torchrun script"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("block", DISTRIBUTED, ids=[f"{b.page}:{b.line}" for b in DISTRIBUTED])
+def test_distributed_example_equals_one_process(block, tmp_path, monkeypatch, capsys):
+    script = tmp_path / "example.py"
+    script.write_text(block.code, encoding="utf-8")
+    two = _launch(script, 2)
+    # Meanwhile, the same script as a one-rank group in this process: the single-process score.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(name, value)
+    try:
+        _exec(block, {"__name__": "docs_example"})
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    one = _RESULT.search(capsys.readouterr().out)
+    assert one and one.group(1) == "1"
+    assert _score(two) == pytest.approx(float(one.group(2)), rel=1e-7)
