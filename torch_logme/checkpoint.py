@@ -139,8 +139,10 @@ class CheckpointSelector:
             ValueError here.
         device: where to move ``inputs``; default: the device of the model's
             first parameter. The labels are moved to the features' device.
-        on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
-            (e.g. ``on="input"``, ``num_classes=10``, ``score_options=``).
+        on: as for :func:`torch_logme.hooks.score_layers` (e.g. ``on="input"``).
+        transform: as for :func:`torch_logme.hooks.score_layers`.
+        **options: as for :func:`torch_logme.hooks.score_layers` (e.g.
+            ``num_classes=10``, ``score_options=``).
 
     After :meth:`step`, ``history`` is the list of (epoch, score), and
     ``best_epoch`` / ``best_score`` name the epoch in ``path``. A tie keeps

@@ -42,8 +42,9 @@ class CollectingAccumulator(OwnLock):
     Args:
         spec: the registered score (a ``ScoreSpec``).
         num_features: D, the width of every batch; None takes it from the first.
-        dtype, device: the compute precision and device of the score (the
-            rows are kept as given, on their own device unless ``device``).
+        dtype: the compute precision of the score (default float64).
+        device: the compute device of the score (the rows are kept as given,
+            on their own device unless ``device``).
         sync_on_compute: ``compute()`` gathers every rank's rows first when
             a torch.distributed group is initialised.
         **options: the score's own options, as its functional form takes them.

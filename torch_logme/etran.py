@@ -135,7 +135,8 @@ def etran(
         energy_percent: the percentage of samples (lowest energies) the
             energy term averages, in (0, 100] (0.5, as published).
         legacy_lda: see above (False).
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         [2] tensor: (energy, lda). Larger is better for both. The lda term is

@@ -244,8 +244,14 @@ def logme(
             count as classes).
         reduction: "mean" (the LogME score, 0-dim), "sum", or "none" ([C], one
             score per class or target column).
-        dtype, device, max_iter, tol, method, solver, legacy_evidence,
-            absent_classes: see :class:`torch_logme.LogME`.
+        dtype: see :class:`torch_logme.LogME`.
+        device: see :class:`torch_logme.LogME`.
+        max_iter: see :class:`torch_logme.LogME`.
+        tol: see :class:`torch_logme.LogME`.
+        method: see :class:`torch_logme.LogME`.
+        solver: see :class:`torch_logme.LogME`.
+        legacy_evidence: see :class:`torch_logme.LogME`.
+        absent_classes: see :class:`torch_logme.LogME`.
 
     Returns:
         A tensor on the compute device in ``dtype``: the log evidence per

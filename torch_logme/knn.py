@@ -134,7 +134,8 @@ def knn(
             of class 1 of 0/1 labels) and returns micro-F1 = accuracy for
             more, so its scale changes with the class count; accuracy (the
             default) is one measure for every task.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
         block_size: rows and columns of one distance tile (default 1024 on
             the CPU, 4096 elsewhere); memory is O(block_size^2).
 

@@ -269,7 +269,8 @@ def ncti(
             by N - C, as scikit-learn < 1.9 did (and so the published
             results). Default False: by N, as scikit-learn >= 1.9 and the
             eigen solver do, so that the two solvers agree where they meet.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         1-D tensor [3]: (seli, ncc, vc), in ``TERMS`` order. Raises

@@ -159,7 +159,8 @@ def pca_reduce(
         features: [N, D] tensor or numpy array, any device.
         variance: the share of the variance to keep, in (0, 1): the fewest
             components whose cumulative share exceeds it.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         [N, d] the centred features projected on the leading principal
@@ -461,7 +462,8 @@ def nleep(
             of the expected empirical prediction without the log; False (the
             default) is LEEP as Nguyen et al. and Li et al. define it, the
             mean of its log.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor: LEEP <= 0 (``legacy_leep``: a mean probability in

@@ -400,7 +400,8 @@ def parc(
             approximation they carry (1.5% of the score on 500 x 200
             Gaussian features; worse for ill-conditioned features, whose
             small components it returns as round-off).
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
         block_size: rows of one block of the N x N correlations (default:
             the package's chunk size, at least 256 rows on the CPU).
         pairs_per_pass: pair values one ranking pass holds (default 2**24 on

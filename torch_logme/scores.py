@@ -547,7 +547,8 @@ def nce(
         source_labels: [N] the source model's hard labels Z (argmax of its
             predictions), ids 0..Cs-1.
         target_labels: [N] target class ids Y, 0..Ct-1.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor sum_{z, y} P(z, y) log P(y | z) with the empirical joint
@@ -638,7 +639,8 @@ def h_score(
         labels: [N] class ids.
         rcond: relative cut-off of the pseudo-inverse (default 1e-10 in
             float64, 1e-4 in float32), applied to the correlation matrix.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor in [0, C - 1]. Larger is better. Both covariances are
@@ -760,7 +762,8 @@ def regularized_h_score(
         labels: [N] class ids.
         rcond: relative cut-off of the pseudo-inverse of S_alpha (only bites
             when alpha = 0); default 1e-10 (float64), 1e-4 (float32).
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor in [0, C - 1]. Larger is better. S and the
@@ -1065,7 +1068,8 @@ def transrate(
         features: [N, D] tensor or numpy array, any device.
         labels: [N] class ids.
         eps: distortion (default 1e-4, as published).
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor, >= 0 up to round-off. Larger is better. Invariant to
@@ -1244,7 +1248,8 @@ def gbc(
         labels: [N] class ids.
         min_variance: floor of the class variances (default 1e-4, as
             published); it is absolute, so it assumes features of unit scale.
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor in [-C (C - 1), 0]. Larger (closer to 0) is better.

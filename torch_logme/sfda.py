@@ -226,7 +226,8 @@ def sfda(
             False: the average probability (1/N) sum_i p(y_i | x_i), which the
             published code returns ("the log function is ignored in case of
             instability"; here the log comes from a stable log-softmax).
-        dtype, device: compute precision (float64) and device.
+        dtype: compute precision (default float64).
+        device: compute device (default: the inputs' device).
 
     Returns:
         0-dim tensor, <= 0 (in (0, 1] with ``log_likelihood=False``). Larger

@@ -792,8 +792,11 @@ class LogMEAccumulator(SumAccumulator):
             which reads one value back to the host per update. False keeps
             updates free of host syncs (with ``num_classes`` given); bad
             values then go unnoticed.
-        max_iter, tol, method, legacy_evidence, absent_classes: as for
-            :func:`torch_logme.logme`.
+        max_iter: as for :func:`torch_logme.logme`.
+        tol: as for :func:`torch_logme.logme`.
+        method: as for :func:`torch_logme.logme`.
+        legacy_evidence: as for :func:`torch_logme.logme`.
+        absent_classes: as for :func:`torch_logme.logme`.
     """
 
     _SHIFTED = True

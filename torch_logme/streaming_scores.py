@@ -107,8 +107,9 @@ class NCEAccumulator(_NamedSums):
     ``compute()`` equals :func:`torch_logme.nce` on all batches.
 
     Args:
-        num_source_classes, num_target_classes: Cs and Ct; None grows them
-            on update (reading the batch's largest labels to the host).
+        num_source_classes: Cs; None grows it on update (reading the batch's
+            largest labels to the host).
+        num_target_classes: Ct; None grows it likewise.
         dtype: precision of the counts and of compute (default float64).
         device: where the counts live; None: the device of the first batch.
         sync_on_compute: sum the counts across ranks in ``compute()`` when a

@@ -57,8 +57,10 @@ class ScoreCallback(pl.Callback):
         labels: batch -> labels [B]; default ``batch[1]``.
         dataloader_idx: the validation dataloader to score (others pass unscored).
         prog_bar: show the score in the progress bar.
-        on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
-            (e.g. ``on="input"``, ``num_classes=10``, ``score_options=``).
+        on: as for :func:`torch_logme.hooks.score_layers` (e.g. ``on="input"``).
+        transform: as for :func:`torch_logme.hooks.score_layers`.
+        **options: as for :func:`torch_logme.hooks.score_layers` (e.g.
+            ``num_classes=10``, ``score_options=``).
 
     ``score_name`` is the score; ``mode`` is ``"max"`` or ``"min"``, its
     direction, for ``ModelCheckpoint(monitor=callback.key, mode=callback.mode)``.
@@ -185,8 +187,10 @@ class LogMECallback(ScoreCallback):
         labels: batch -> labels [B]; default ``batch[1]``.
         dataloader_idx: the validation dataloader to score (others pass unscored).
         prog_bar: show the score in the progress bar.
-        on, transform, **options: as for :func:`torch_logme.hooks.score_layers`
-            (e.g. ``on="input"``, ``num_classes=10``).
+        on: as for :func:`torch_logme.hooks.score_layers` (e.g. ``on="input"``).
+        transform: as for :func:`torch_logme.hooks.score_layers`.
+        **options: as for :func:`torch_logme.hooks.score_layers` (e.g.
+            ``num_classes=10``).
 
     ``history`` holds (epoch, score) for every scored epoch. The sanity-check
     validation before training is not scored.

@@ -388,8 +388,12 @@ class LogMEMetric(TransferabilityMetric):
         reduction: what ``compute()`` returns: "mean" (the score, 0-dim),
             "sum", or "none" (one score per column, [C]).
         dtype: precision of the sums and of compute (default float64).
-        check_inputs, max_iter, tol, method, legacy_evidence, absent_classes: as for
-            :class:`torch_logme.LogMEAccumulator`.
+        check_inputs: as for :class:`torch_logme.LogMEAccumulator`.
+        max_iter: as for :class:`torch_logme.LogMEAccumulator`.
+        tol: as for :class:`torch_logme.LogMEAccumulator`.
+        method: as for :class:`torch_logme.LogMEAccumulator`.
+        legacy_evidence: as for :class:`torch_logme.LogMEAccumulator`.
+        absent_classes: as for :class:`torch_logme.LogMEAccumulator`.
         **kwargs: torchmetrics ``Metric`` options (``sync_on_compute``,
             ``process_group``, ``dist_sync_fn``, ...).
 
