@@ -38,6 +38,9 @@ here = Path(__file__).parent
 # A portable default when no GPU is visible at build time: Turing to Hopper,
 # plus PTX that newer GPUs compile at load time.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+# The documentation site (mkdocs.yml): MkDocs, the Material theme, and the
+# API reference from the docstrings.
+DOCS_REQUIRES = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
 
 
 def _flag(name: str) -> str | None:
@@ -188,13 +191,14 @@ setup(
         "test": [
             "pytest>=7", "numba>=0.57", "scipy", "torchmetrics>=1.0", "lightning>=2.0",
             "scikit-learn>=1.0", "hypothesis>=6", "transformers>=4.30", "pillow", "matplotlib>=3.5",
+            # tests/test_docs.py builds the documentation site strictly.
+            *DOCS_REQUIRES,
         ],
         "bench": ["pytest-benchmark>=4", "numba>=0.57", "scipy"],
         # Ranking.plot() and Evaluation.plot().
         "plot": ["matplotlib>=3.5"],
-        # The documentation site (mkdocs.yml): MkDocs with the Material theme,
-        # the API reference from the docstrings, and the plots it shows.
-        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "matplotlib>=3.5"],
+        # The documentation site, and the plots it shows.
+        "docs": [*DOCS_REQUIRES, "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["torch-logme=torch_logme.__main__:main"]},
 )

@@ -147,3 +147,17 @@ def test_distributed_example_equals_one_process(block, tmp_path, monkeypatch, ca
     one = _RESULT.search(capsys.readouterr().out)
     assert one and one.group(1) == "1"
     assert _score(two) == pytest.approx(float(one.group(2)), rel=1e-7)
+
+
+def test_site_builds_strictly(tmp_path):
+    """The site builds with no warning: no broken link, no docstring mkdocstrings cannot read."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for page in ("index.html", "scores/logme/index.html", "api/scores/index.html"):
+        assert (tmp_path / "site" / page).is_file(), page
