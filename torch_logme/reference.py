@@ -523,7 +523,7 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def regularized_h_score(features: np.ndarray, labels: np.ndarray, rcond: float = H_SCORE_RCOND) -> float:
-    """Shrinkage H-score (Ibrahim et al., ICLR 2023): tr(S_a^-1 (1 - a) cov(E[f | y])).
+    """Shrinkage H-score (Ibrahim et al., ECML PKDD 2022): tr(S_a^-1 (1 - a) cov(E[f | y])).
 
     S_a is the Ledoit-Wolf estimate of the feature covariance and a its
     shrinkage; covariances are normalised by N.

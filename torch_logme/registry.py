@@ -116,7 +116,7 @@ _SPECS: Tuple[ScoreSpec, ...] = (
               no_stream_reason="it needs every sample's predictions at once"),
     ScoreSpec(_nce_from_probs, "probs", True, "Tran et al., ICCV 2019", NCEAccumulator, "nce"),
     ScoreSpec(h_score, "features", True, "Bao et al., ICIP 2019", HScoreAccumulator, "h_score"),
-    ScoreSpec(regularized_h_score, "features", True, "Ibrahim et al., ICLR 2023", RegularizedHScoreAccumulator,
+    ScoreSpec(regularized_h_score, "features", True, "Ibrahim et al., ECML PKDD 2022", RegularizedHScoreAccumulator,
               "regularized_h_score"),
     ScoreSpec(transrate, "features", True, "Huang et al., ICML 2022", TransRateAccumulator, "transrate"),
     ScoreSpec(gbc, "features", True, "Pándy et al., CVPR 2022", GBCAccumulator, "gbc"),

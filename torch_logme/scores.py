@@ -751,7 +751,7 @@ def regularized_h_score(
     dtype: torch.dtype = torch.float64,
     device: Device = None,
 ) -> Tensor:
-    """Shrinkage-regularised H-score (Ibrahim et al., ICLR 2023).
+    """Shrinkage-regularised H-score (Ibrahim et al., ECML PKDD 2022).
 
     tr(S_alpha^-1 (1 - alpha) cov(E[f | y])) with the Ledoit-Wolf (2004)
     estimate S_alpha = (1 - alpha) S + alpha (tr(S) / D) I of the feature
