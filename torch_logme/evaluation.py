@@ -18,13 +18,17 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .ranking import InputFileError, Ranking
 from .registry import SCORES
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "weighted_tau", "kendall_tau", "spearman", "evaluate_scores",
@@ -320,6 +324,57 @@ class Evaluation:
             for t in self.tasks for s in self.scores
         ]
         return pd.DataFrame(rows, columns=["task", "score", "models", *METRICS, "pick"])
+
+    def plot(
+        self,
+        metrics: Optional[Sequence[str]] = None,
+        *,
+        scores: Optional[Sequence[str]] = None,
+        ax: Union[Axes, Sequence[Axes], None] = None,
+        ncols: Optional[int] = None,
+        figsize: Optional[Tuple[float, float]] = None,
+        values: bool = True,
+    ) -> Tuple[Figure, List[Axes]]:
+        """Plot the rank correlations with matplotlib (the ``plot`` extra) as grouped bar charts.
+
+        One task: one panel, a group of bars per score (one bar per metric),
+        each score's tick saying whether its pick was the best model (top-1
+        hit or miss). Several tasks: one panel per metric, a group of bars
+        per task and one for the mean over tasks, one bar (and colour) per
+        score. Every correlation is oriented so that 1 means "the same order
+        as the ground truth", whatever the score's direction. A NaN value
+        (a constant score or ground truth) is an empty bar labelled "n/a".
+
+        Never calls ``plt.show()`` and changes no rcParams.
+
+        Args:
+            metrics: statistics from ``METRICS`` ("weighted_tau", "kendall_tau",
+                "spearman", "top1"; default: the three rank correlations).
+                For "top1" a bar is 1 for a hit and 0 for a miss; its mean is
+                the hit rate.
+            scores: the scores to plot (default: all of ``self.scores``).
+            ax: Axes to draw on: one for one task, one per metric for several
+                (a sequence, or the array ``plt.subplots`` returns). Default:
+                a new figure.
+            ncols: panels per row of a new figure of several tasks (default 1).
+            figsize: (width, height) in inches of a new figure (default: from
+                the numbers of tasks, scores and metrics).
+            values: write each bar's value above it.
+
+        Returns:
+            ``(fig, axes)``: the Figure and the list of Axes drawn on (one
+            for one task, one per metric for several), as torchmetrics'
+            ``Metric.plot`` returns ``(fig, ax)``.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install "torch_logme[plot]"``).
+            ValueError: an unknown or repeated metric or score, or ``ax``
+                with another number of Axes than panels.
+            TypeError: an ``ax`` that is not matplotlib Axes.
+        """
+        from .plotting import plot_evaluation  # imports matplotlib
+
+        return plot_evaluation(self, metrics, scores=scores, ax=ax, ncols=ncols, figsize=figsize, values=values)
 
     def __str__(self) -> str:
         several = len(self.tasks) > 1 or self.tasks[0].task is not None

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ from torch import Tensor
 from ._checks import prepare_labels
 from ._options import compute_options
 from .registry import DEFAULT_SCORE, SCORES, ScoreSpec, score_names
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["rank_models", "Ranking", "RankedModel", "SCORES", "ScoreSpec", "ModelScoreError"]
 
@@ -102,6 +106,63 @@ class Ranking:
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    def plot(
+        self,
+        ground_truth: Optional[Mapping[str, float]] = None,
+        *,
+        scores: Optional[Sequence[str]] = None,
+        ax: Union[Axes, Sequence[Axes], None] = None,
+        ncols: Optional[int] = None,
+        figsize: Optional[Tuple[float, float]] = None,
+        ground_truth_label: str = "ground truth (e.g. fine-tuned accuracy)",
+    ) -> Tuple[Figure, List[Axes]]:
+        """Plot the ranking with matplotlib (the ``plot`` extra): one panel per score.
+
+        Without ``ground_truth``: a horizontal bar chart of each score, the
+        models sorted best first (at the top) by that panel's score, in its
+        direction (``SCORES[name].larger_is_better``); a model without a
+        finite value comes last, labelled "n/a". With ``ground_truth``: each
+        score against the ground truth, one point per model, labelled by its
+        name, with the weighted Kendall tau (:func:`torch_logme.weighted_tau`,
+        the score negated first where smaller is better) in the panel's
+        title; models without a finite score are left out of that panel (the
+        title says how many). A pooled score (NCTI, ETran) is plotted as the
+        ranking holds it: combined across the models of this ranking.
+
+        Never calls ``plt.show()`` and changes no rcParams.
+
+        Args:
+            ground_truth: model name -> a finite number (e.g. fine-tuned
+                accuracy; a dict or a pandas Series), for every model of the
+                ranking and no other.
+            scores: the scores to plot, in panel order (default: all of
+                ``self.scores``).
+            ax: Axes to draw on, one per panel (a sequence, or the array
+                ``plt.subplots`` returns; one Axes for one panel). Default: a
+                new figure.
+            ncols: panels per row of a new figure (default: up to 2).
+            figsize: (width, height) in inches of a new figure (default: from
+                the number of panels and models).
+            ground_truth_label: the x-axis label of the scatter plots.
+
+        Returns:
+            ``(fig, axes)``: the Figure and the list of Axes drawn on, one per
+            score, as torchmetrics' ``Metric.plot`` returns ``(fig, ax)``.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install "torch_logme[plot]"``).
+            ValueError: ``ground_truth`` names a model that is not ranked,
+                lacks one that is, holds a non-finite value, or the ranking
+                has fewer than 2 models; ``scores`` names a score the ranking
+                does not hold; ``ax`` holds another number of Axes than panels.
+            TypeError: a ground-truth value that is not a number, or an
+                ``ax`` that is not matplotlib Axes.
+        """
+        from .plotting import plot_ranking  # imports matplotlib
+
+        return plot_ranking(self, ground_truth, scores=scores, ax=ax, ncols=ncols, figsize=figsize,
+                            ground_truth_label=ground_truth_label)
 
     def __str__(self) -> str:
         header = ["rank", "model", *self.scores]
