@@ -582,3 +582,19 @@ def test_the_module_does_not_import_scipy_or_pandas_at_load():
     names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
     names |= {(n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
     assert not names & {"scipy", "pandas"}
+
+
+def test_a_ranking_with_a_pooled_score_is_evaluated_on_its_scores_not_its_terms():
+    import torch
+
+    from torch_logme import rank_models
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 3
+    features = {f"m{i}": torch.randn(120, 6, generator=gen) + i * torch.nn.functional.one_hot(labels, 6)
+                for i in range(4)}
+    ranking = rank_models(features, labels, ["logme", "ncti"])
+    assert any("." in name for name in ranking.entries[0].scores)  # the entries do hold the terms
+    truth = {f"m{i}": float(i) for i in range(4)}
+    evaluation = evaluate_scores(ranking, truth)
+    assert sorted(evaluation.scores) == ["logme", "ncti"]

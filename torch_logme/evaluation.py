@@ -418,7 +418,9 @@ def _parts(*parts: Any) -> str:
 def _as_mapping(obj: Any, what: str) -> Mapping[Any, Any]:
     """A mapping from ``obj``: a Mapping, a Ranking (model -> scores), or a pandas DataFrame / Series."""
     if isinstance(obj, Ranking):
-        return {e.name: dict(e.scores) for e in obj}
+        # Only the ranked scores: a pooled score's entries also hold its terms ("ncti.seli", ...),
+        # which are not scores to evaluate.
+        return {e.name: {s: e.scores[s] for s in obj.scores} for e in obj}
     if isinstance(obj, Mapping):
         return obj
     to_dict = getattr(obj, "to_dict", None)

@@ -556,8 +556,8 @@ def rank_candidate_models(
 ) -> ModelRanking:
     """Rank candidate models on labelled data: one forward pass each, every layer and score streamed.
 
-    Called as ``torch_logme.rank_models(models, data, ...)``; see the README
-    section "Ranking models".
+    Called as ``torch_logme.rank_models(models, data, ...)``; see the guide
+    "Selecting a pre-trained model".
 
     Args:
         models: name -> ``nn.Module``, or -> a zero-argument callable that

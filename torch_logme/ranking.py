@@ -209,8 +209,8 @@ def rank_models(
     over labelled batches and scores its layers as it goes:
     ``rank_models(models, data, scores, layers=..., ...)``; see
     :func:`torch_logme.model_ranking.rank_candidate_models` for those
-    options, and the README section "Ranking models". What follows is the
-    ranking of stored features.
+    options, and the guide "Selecting a pre-trained model". What follows is
+    the ranking of stored features.
 
     Args:
         features_by_model: name -> features [N, D] (tensor or numpy array,
@@ -220,7 +220,8 @@ def rank_models(
             {"features": [N, D], "probs": [N, Cs]} to serve both kinds.
         labels: class ids [N], shared by all models.
         scores: score names (see ``SCORES``); the ranking follows the first.
-        dtype, device: passed to every score.
+        dtype: the compute precision, passed to every score.
+        device: the compute device, passed to every score.
         score_options: extra keywords per score name, e.g.
             ``{"transrate": {"eps": 1e-3}}``.
 
@@ -229,8 +230,8 @@ def rank_models(
         ranks last; ties keep the input order.
 
     Raises:
-        ModelScoreError (a ValueError) naming the model and score whose
-        input is bad, with the score's own message.
+        ModelScoreError: (a ValueError) names the model and score whose
+            input is bad, with the score's own message.
     """
     from .model_ranking import is_models, rank_candidate_models  # it builds on this module
 

@@ -1058,7 +1058,7 @@ def transrate(
     R(Z) = 1/2 log det(I + Z^T Z / (N eps)) and
     R(Z | Y) = sum_c (n_c / N) 1/2 log det(I + Z_c^T Z_c / (n_c eps)).
 
-    Two choices (see the README): the conditional rate weights classes by
+    Two choices (see the TransRate page of the docs): the conditional rate weights classes by
     their frequency n_c / N, as the paper defines it (the published code
     averages uniformly over ids 0..max, which fails on an absent id); and
     ``eps`` scales as in the published code, 1 / (n eps), which is the
