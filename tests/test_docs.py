@@ -11,10 +11,17 @@ An HTML comment on the line just before a block changes how it is run:
 - ``<!-- docs-test: distributed -->``: a script for ``torchrun``; it runs in
   two processes, with the environment torchrun would give them, and must
   print the same ``... over N ranks: <score>`` as one process does.
+
+Where a block is followed by a line saying what it prints ("It prints:")
+and a ```text block, the printed lines must contain those lines, numbers
+equal to 1e-4 relative: an output shown in the docs is the output one gets.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import math
 import os
 import re
 import subprocess
@@ -29,7 +36,11 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-_BLOCK = re.compile(r"(?:^<!--\s*docs-test:\s*(?P<directive>.*?)\s*-->\n)?^```python[^\n]*\n(?P<code>.*?)^```", re.S | re.M)
+_BLOCK = re.compile(
+    r"(?:^<!--\s*docs-test:\s*(?P<directive>.*?)\s*-->\n)?^```python[^\n]*\n(?P<code>.*?)^```\n"
+    r"(?:\n[^\n`]*\bprints:\n\n```text\n(?P<shown>.*?)^```)?",
+    re.S | re.M,
+)
 
 
 @dataclass
@@ -38,6 +49,7 @@ class Block:
     line: int
     code: str
     directive: str
+    shown: str = ""  # the output the page says the block prints, if it shows one
 
     @property
     def kind(self) -> str:
@@ -50,7 +62,8 @@ def page_blocks(path: Path) -> list[Block]:
     blocks = []
     for match in _BLOCK.finditer(text):
         line = text.count("\n", 0, match.start("code")) + 1
-        blocks.append(Block(name, line, match.group("code"), match.group("directive") or ""))
+        blocks.append(Block(name, line, match.group("code"), match.group("directive") or "",
+                            match.group("shown") or ""))
     return blocks
 
 
@@ -67,9 +80,43 @@ def test_directives_are_known():
                 assert "(" in b.directive, f"{b.page}:{b.line}: say why a block is skipped: skip (why)"
 
 
-def test_readme_has_a_runnable_quickstart():
+def test_readme_has_a_runnable_quickstart_that_shows_its_output():
     readme = [b for b in BLOCKS["README.md"] if b.kind == "run"]
-    assert readme and any("torch_logme" in b.code for b in readme)
+    assert readme and any("torch_logme" in b.code and b.shown for b in readme)
+
+
+def test_shown_outputs_are_found():
+    # The pattern that pairs a block with its output must see the pages' "It prints:" blocks.
+    shown = [b for blocks in BLOCKS.values() for b in blocks if b.shown]
+    assert len(shown) >= 3, [f"{b.page}:{b.line}" for b in shown]
+
+
+def test_a_wrong_output_is_caught():
+    block = Block("page.md", 1, "", "", "rank  model  logme\n   1  good   -0.375082\n")
+    _check_shown(block, "header\nrank  model  logme\n   1  good   -0.3750821\n")
+    with pytest.raises(AssertionError):
+        _check_shown(block, "rank  model  logme\n   1  good   -0.3761\n")
+    with pytest.raises(AssertionError):
+        _check_shown(block, "rank  model  logme\n   1  weak   -0.375082\n")
+
+
+_NUMBER = re.compile(r"[-+]?\d+\.\d*(?:e[-+]?\d+)?|[-+]?\d+e[-+]?\d+")
+
+
+def _same_line(got: str, want: str) -> bool:
+    """The same words, and the same numbers to 1e-4 relative (the last printed digit may differ)."""
+    if _NUMBER.sub("#", got.strip()) != _NUMBER.sub("#", want.strip()):
+        return False
+    pairs = zip(_NUMBER.findall(got), _NUMBER.findall(want))
+    return all(math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-12) for a, b in pairs)
+
+
+def _check_shown(block: Block, printed: str) -> None:
+    want = [line for line in block.shown.splitlines() if line.strip()]
+    got = [line for line in printed.splitlines() if line.strip()]
+    starts = [i for i in range(len(got) - len(want) + 1)
+              if all(_same_line(g, w) for g, w in zip(got[i:i + len(want)], want))]
+    assert starts, f"{block.page}:{block.line}: the page shows\n{block.shown}\nbut the block printed\n{printed}"
 
 
 def _exec(block: Block, namespace: dict) -> None:
@@ -91,7 +138,13 @@ def test_page_runs(page, tmp_path, monkeypatch):
             missing = [m for m in block.directive.split()[1:] if importlib.util.find_spec(m) is None]
             if missing:
                 pytest.skip(f"{page}:{block.line} needs {', '.join(missing)}")
-        _exec(block, namespace)
+        if not block.shown:
+            _exec(block, namespace)
+            continue
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            _exec(block, namespace)
+        _check_shown(block, printed.getvalue())
 
 
 def _launch(script: Path, world: int):
