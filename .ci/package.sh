@@ -20,11 +20,12 @@ START=$SECONDS
 unset PYTHONPATH
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# The pin every pip call here runs under (-c), the one CI's other environment uses.
+CONSTRAINTS="$ROOT/.ci/constraints.txt"
+grep -qx "$TORCH_PIN" "$CONSTRAINTS" || { echo "$CONSTRAINTS does not pin $TORCH_PIN"; exit 1; }
 WORK="$ROOT/build/ci-package"
 rm -rf "$WORK"
 mkdir -p "$WORK/src" "$WORK/dist" "$WORK/outside"
-CONSTRAINTS="$WORK/constraints.txt"
-echo "$TORCH_PIN" > "$CONSTRAINTS"
 step() { echo "== package.sh: $1 ($(( SECONDS - START )) s so far)"; }
 
 # The files a clean clone has (tracked, or new and not ignored): no build
