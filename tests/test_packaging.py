@@ -84,7 +84,7 @@ def test_sdist_has_every_source_header_and_data_file(checkout: Path, sdist: Path
     assert not set(csrc) - names, "csrc/ files missing from the sdist (MANIFEST.in)"
     # Everything a clean clone has goes in, but CI's scripts and the git settings.
     wanted = {f for f in _source_files() if not f.startswith(".")}
-    assert not wanted - names, f"missing from the sdist: {sorted(wanted - names)}"
+    assert not wanted - names, f"missing from the sdist (add them to MANIFEST.in): {sorted(wanted - names)}"
     assert not [n for n in names if n.endswith((".so", ".pyc", ".pyd", ".o"))]
 
 
