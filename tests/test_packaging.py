@@ -118,8 +118,10 @@ def _setup_without_torch(checkout: Path, *commands: str,
     """setup.py run as pip's isolated build runs it: torch cannot be imported."""
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', *sys.argv[1:]]; "
             "runpy.run_path('setup.py', run_name='__main__')")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("TORCH_LOGME_NO_EXTENSION", "TORCH_LOGME_REQUIRE_EXTENSION")}
     return subprocess.run([sys.executable, "-c", code, *commands], cwd=checkout, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+                          timeout=120, env={**base, **(env or {})})
 
 
 def test_a_build_without_torch_warns_and_records_why(checkout: Path, tmp_path: Path) -> None:
@@ -234,6 +236,10 @@ def test_info_hints_say_why_and_how_to_rebuild() -> None:
     assert "--no-build-isolation" in hint and "--no-cache-dir" in hint
     broken = format_info(_fake_info(built=True, library="/x/_C.so", load_error="undefined symbol: foo"))
     assert "no: undefined symbol: foo" in broken and "hint: The compiled op failed to load" in broken
+    assert "not compiled then; the op was built later" in broken  # a stale record is not taken as the state
+    moved = _fake_info(built=True, library="/x/_C.so", load_error="undefined symbol: foo")
+    moved["install"]["build_record"] = {"compiled": True, "kernels": ["cpu"], "torch": "2.12.0+cpu"}
+    assert "It was built for torch 2.12.0+cpu; this is torch 2.13.0+cpu." in format_info(moved)
     fine = _fake_info(built=True, loaded=True, kernels={"cpu": True, "cuda": False},
                       in_use={"cpu": True, "cuda": False})
     fine["install"]["build_record"] = {"compiled": True, "kernels": ["cpu"], "torch": "2.13.0+cpu"}

@@ -315,6 +315,8 @@ def format_info(info: Dict[str, Any]) -> str:
     if isinstance(record, dict):
         if record.get("compiled"):
             text = f"compiled for {', '.join(record.get('kernels') or [])} against torch {record.get('torch')}"
+        elif isinstance(ext, dict) and ext.get("built"):
+            text = "not compiled then; the op was built later (e.g. setup.py build_ext --inplace)"
         else:
             text = f"not compiled: {record.get('reason')}"
         row("at build time", text)
