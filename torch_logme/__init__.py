@@ -12,6 +12,7 @@ timm, Hugging Face and torchvision models by name for ``rank_models``.
 from . import zoo  # noqa: F401  registers the "timm:", "hf:" and "torchvision:" adapters
 from ._checks import relabel
 from ._extension import extension_available
+from ._version import __version__
 from .estimator import LogME
 from .etran import etran, etran_combine
 from .evaluation import Evaluation, evaluate_scores, weighted_tau
@@ -33,8 +34,6 @@ from .streaming_scores import (
     RegularizedHScoreAccumulator,
     TransRateAccumulator,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "LogME", "LogMEAccumulator", "extension_available", "logme", "__version__",

@@ -10,6 +10,10 @@ Commands:
     rank-models
             rank models given by zoo name (timm:, hf:, torchvision:) on an
             image folder or a text file: one forward pass per model.
+    info    versions, the install, whether the compiled op is built and in
+            use, GPUs and optional packages (--json for a machine).
+
+``--version`` prints the versions of torch_logme and torch.
 
 Each command is a ``_add_<name>(subparsers)`` function that registers its
 parser and sets ``func``, a callable taking the parsed arguments and returning
@@ -331,8 +335,54 @@ def _add_rank_models(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_run_rank_models)
 
 
+def _run_info(args: argparse.Namespace) -> int:
+    from torch_logme.info import collect_info, format_info
+
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _add_info(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="versions, the install, the compiled op's state, GPUs and optional packages",
+        description=(
+            "Print the versions of torch_logme, torch, numpy and Python; where the package is installed "
+            "from; whether the compiled op (torch_logme._C) is built, loaded, and in use on which devices "
+            "(TORCH_LOGME_DISABLE_EXTENSION turns it off), and what its build recorded; CUDA and MPS with "
+            "the visible GPUs; and the optional packages present. Ends with a hint when the op is not in use."
+        ),
+    )
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    p.set_defaults(func=_run_info)
+
+
+class _VersionAction(argparse.Action):
+    """--version: torch_logme's version and torch's, read when asked (not when the parser is built)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of torch_logme and torch, and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from torch_logme import __version__
+
+        try:
+            torch_version = version("torch")
+        except PackageNotFoundError:
+            import torch
+
+            torch_version = torch.__version__
+        print(f"torch_logme {__version__} (torch {torch_version}, Python {sys.version.split()[0]})")
+        parser.exit()
+
+
 _COMMANDS: list[Callable[["argparse._SubParsersAction"], None]] = [
-    _add_demo, _add_rank, _add_evaluate, _add_rank_models,
+    _add_demo, _add_rank, _add_evaluate, _add_rank_models, _add_info,
 ]
 
 
@@ -341,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torch-logme", description="LogME transferability scores in PyTorch."
     )
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for add in _COMMANDS:
         add(subparsers)
