@@ -555,25 +555,6 @@ def test_read_functions_return_nested_mappings(tmp_path):
         ev.read_scores_csv(tmp_path / "missing.csv")
 
 
-# -- the README ------------------------------------------------------------------------
-
-
-def _readme_section():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index("### Checking scores against fine-tuning results")
-    end = text.find("\n## ", start)
-    return text[start:end]
-
-
-def test_readme_example_runs_and_prints_what_it_shows(capsys):
-    section = _readme_section()
-    code = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M).group(1)
-    shown = re.search(r"The first `print` shows:\n\n```\n(.*?)```", section, flags=re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    out = capsys.readouterr().out
-    assert out.startswith(shown), out
-
-
 def test_the_module_does_not_import_scipy_or_pandas_at_load():
     import ast
 

@@ -216,18 +216,3 @@ def test_two_ranks_equal_functional(tmp_path):
         for name in COLLECTED:  # rows in rank order, not batch order: the same set of samples
             x, y, _, _ = _inputs(name, "N>D", "cpu", torch.float64)
             assert torch.allclose(got[name], SCORES[name].fn(x, y), rtol=1e-10, atol=1e-12), (rank, name)
-
-
-
-def test_readme_example_by_name(capsys):
-    """The README's "Every score by name" example runs as written."""
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("### Every score by name"):]
-    block = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M).group(1)
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
-    printed = capsys.readouterr().out.split()
-    streaming_features = [n for n in NAMES if SCORES[n].input == "features" and SCORES[n].streams]
-    assert [w for w in printed if w in SCORES] == streaming_features

@@ -529,41 +529,6 @@ def test_score_error_names_model_score_and_layer(monkeypatch):
     assert info.value.model == "m" and info.value.score == "gbc"
 
 
-# -- the README example runs as written ---------------------------------------------------------------------
-
-def readme_example() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index("## Ranking models")
-    end = text.find("\n## ", start + 5)
-    body = text[start:end]
-    return re.findall(r"^```python\n(.*?)^```", body, flags=re.S | re.M)[0], body
-
-
-def test_readme_example_runs_and_shows_its_output(capsys):
-    code, body = readme_example()
-    namespace = {"__name__": "readme_example"}
-    exec(compile(code, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out
-    shown = re.findall(r"^```\n(ranked by.*?)^```", body, flags=re.S | re.M)[0]
-    assert namespace["ranking"].best == "cnn_wide" and namespace["ranking"].best_layer == "block1"
-
-    def cells(text):
-        """Each line's words, numbers as floats; times, memory and the memory line left out (they vary)."""
-        out = []
-        for line in text.strip().splitlines():
-            if line.startswith("peak memory"):
-                continue
-            line = re.sub(r"\s+\d+\.\d+\s+(\d+\.\d+|n/a)\s+(forward|cache)$", "", line)
-            out.append([float(w) if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", w) else w for w in line.split()])
-        return out
-
-    got, want = cells(printed), cells(shown)
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert len(a) == len(b) and all(x == pytest.approx(y, rel=1e-4) if isinstance(y, float) else x == y
-                                        for x, y in zip(a, b)), (a, b)
-
-
 # -- across processes -----------------------------------------------------------------------------------------
 
 def _ranks_body(rank: int, out_dir: str) -> None:

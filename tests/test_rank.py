@@ -210,28 +210,6 @@ def test_cli_subprocess_no_traceback(files):
     assert "broken.npz" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# -- the README section's examples run as written ----------------------------------------
-
-def _readme_blocks():
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    start = text.index("## Other transferability scores and model ranking")
-    end = text.find("\n## ", start + 1)
-    return re.findall(r"^```python\n(.*?)^```", text[start:end], flags=re.S | re.M)
-
-
-@pytest.mark.parametrize("code", _readme_blocks(), ids=lambda c: c.splitlines()[-1][:30])
-def test_readme_examples_run(code, capsys):
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    out = capsys.readouterr().out
-    if "rank_models" in code:  # the table the README shows is the one printed
-        assert "   1  good   -0.375082   1.79752  -7.11708" in out
-    if "Accumulator" in code:
-        first, second = out.splitlines()[-2:]
-        assert first == second == "[-7.117081, 2.641785]"
-
-
 # -- reliability under faults: rank_models errors, files by identity, lazy .npz, devices --------
 
 
