@@ -33,10 +33,10 @@ python3 -m venv .ci-venv-oldest
 # The model zoos run their tests here (the first environment has no timm nor
 # torchvision): torchvision 0.19.1 is the release made for torch 2.4.1, and
 # timm and transformers are pinned to releases of that time (transformers 5
-# needs torch >= 2.6).
+# needs torch >= 2.6). matplotlib runs the plots and the docs pages that draw them.
 pip install "torch==$OLDEST_TORCH" "numpy<2" setuptools wheel ninja pytest "numba>=0.57" scipy \
   "torchmetrics>=1.0" "lightning>=2.0" "scikit-learn>=1.0" "hypothesis>=6" \
-  "torchvision==0.19.1" "timm==1.0.11" "transformers==4.46.3" pillow
+  "torchvision==0.19.1" "timm==1.0.11" "transformers==4.46.3" pillow matplotlib
 python -c "import torch, numpy; print(f'oldest environment: torch {torch.__version__}, numpy {numpy.__version__}')"
 # The zoo tests skip when a package cannot be imported; here all three must.
 python -c "import torchvision, timm, transformers; print(f'zoos: torchvision {torchvision.__version__}, timm {timm.__version__}, transformers {transformers.__version__}')"

@@ -40,7 +40,7 @@ T=$SECONDS
 (cd "$WORK/src" && TORCH_LOGME_REQUIRE_EXTENSION=1 "$WORK/venv-build/bin/python" -m build --sdist --wheel \
   --no-isolation --outdir "$WORK/dist" . > "$WORK/build.log" 2>&1) || { tail -n 60 "$WORK/build.log"; exit 1; }
 echo "built in $(( SECONDS - T )) s: $(cd "$WORK/dist" && echo *)"
-SDIST=$(echo "$WORK"/dist/torch_logme-*.tar.gz)
+SDIST=$(echo "$WORK"/dist/torch[_-]logme-*.tar.gz)
 WHEEL=$(echo "$WORK"/dist/torch_logme-*.whl)
 if [ ! -f "$SDIST" ] || [ ! -f "$WHEEL" ]; then echo "expected one sdist and one wheel in $WORK/dist"; exit 1; fi
 

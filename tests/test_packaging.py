@@ -98,7 +98,8 @@ def test_sdist_metadata_has_the_one_version_and_the_urls(sdist: Path) -> None:
         meta.setdefault(key, []).append(value)
     assert meta["Name"] == ["torch-logme"]
     assert meta["Version"] == [torch_logme.__version__]
-    assert sdist.name == f"torch_logme-{torch_logme.__version__}.tar.gz"
+    # setuptools >= 69.3 normalises the file name (PEP 625); older releases keep the project's spelling.
+    assert sdist.name in {f"{stem}-{torch_logme.__version__}.tar.gz" for stem in ("torch_logme", "torch-logme")}
     urls = dict(u.split(", ", 1) for u in meta["Project-URL"])
     assert set(urls) == {"Homepage", "Documentation", "Source", "Issues", "Upstream LogME"}
     assert meta["Author"] == ["torch_logme maintainers"]

@@ -368,17 +368,11 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: Optional[str] = None) -> None:
-        from importlib.metadata import PackageNotFoundError, version
+        import torch  # torch_logme imports it anyway; its own version string names the build (+cpu, +cu121)
 
         from torch_logme import __version__
 
-        try:
-            torch_version = version("torch")
-        except PackageNotFoundError:
-            import torch
-
-            torch_version = torch.__version__
-        print(f"torch_logme {__version__} (torch {torch_version}, Python {sys.version.split()[0]})")
+        print(f"torch_logme {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
         parser.exit()
 
 
