@@ -214,3 +214,18 @@ def test_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for page in ("index.html", "scores/logme/index.html", "api/scores/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
+
+
+def test_the_images_the_pages_show_exist_and_are_drawn_by_their_examples():
+    pytest.importorskip("matplotlib")  # make_images.py selects its backend at import
+    shown = {m for page in PAGES for m in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", page.read_text(encoding="utf-8"))}
+    assert shown, "the guides show the plots"
+    for path in shown:
+        assert (ROOT / "docs" / "images" / Path(path).name).is_file(), path
+    spec = importlib.util.spec_from_file_location("make_images", ROOT / "docs" / "images" / "make_images.py")
+    make_images = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_images)  # defines only: the drawing runs under __main__
+    drawn = "".join(code for page, heading in make_images.SECTIONS
+                    for code in make_images.section_blocks(page, heading))
+    assert {Path(p).name for p in shown} == set(make_images.IMAGES)
+    assert all(f'savefig("{name}"' in drawn for name in make_images.IMAGES)
