@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch_logme._pool import combine_terms, pooled_note
 from torch_logme.evaluation import (
     ScoreEvaluation,
     evaluate_scores,
@@ -473,16 +474,12 @@ def _combine_pooled(rows: Sequence[DemoRow], terms: Sequence[Dict[str, torch.Ten
     for s, spec in SCORES.items():
         if not spec.pooled:
             continue
-        assert spec.combine is not None  # a pooled spec has one
         have = [i for i, t in enumerate(terms) if s in t]
         if have:
-            combined = spec.combine(torch.stack([terms[i][s] for i in have])).tolist()
-            for i, v in zip(have, combined):
-                rows[i].scores[s] = float(v)
-        notes.append(
-            f"{s} combines its terms ({', '.join(spec.terms)}) across the {len(have)} extractors run here, as its "
-            "published code does: its values change with the set of extractors"
-        )
+            for i, v in zip(have, combine_terms(spec, [terms[i][s] for i in have])):
+                rows[i].scores[s] = v
+        notes.append(pooled_note(spec, f"the {len(have)} extractors run here, as its published code does",
+                                 "extractors"))
     return notes
 
 

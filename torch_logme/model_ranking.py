@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from . import hooks, model_layers, ranking, registry
 from ._options import compute_options
+from ._pool import combine_terms, pooled_note
 from ._validators import boolean, one_of
 from .feature_cache import DataPrint, FeatureCache, data_fingerprint, model_fingerprint
 from .model_layers import OUTPUT, LayerSpec
@@ -474,15 +475,13 @@ def _combine_pooled(tables: Dict[str, Dict[str, Dict[str, Any]]], names: Sequenc
         if not spec.pooled:
             continue
         cells = [(model, label) for model, table in tables.items() for label, values in table.items() if s in values]
-        terms = torch.stack([tables[m][label][s].detach().to("cpu", torch.float64) for m, label in cells])
-        assert spec.combine is not None
-        for (m, label), t, v in zip(cells, terms, spec.combine(terms).tolist()):
-            tables[m][label][s] = float(v)
+        terms = [tables[m][label][s] for m, label in cells]
+        for (m, label), t, v in zip(cells, terms, combine_terms(spec, terms)):
+            tables[m][label][s] = v
             tables[m][label].update({f"{s}.{term}": float(x) for term, x in zip(spec.terms, t.tolist())})
-        notes.append(
-            f"{s} combines its terms ({', '.join(spec.terms)}) across all {len(cells)} (model, layer) pairs scored "
-            "here, as its published code does across models: its values change with the set of candidates"
-        )
+        notes.append(pooled_note(
+            spec, f"all {len(cells)} (model, layer) pairs scored here, as its published code does across models",
+            "candidates"))
     return notes
 
 

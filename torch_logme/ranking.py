@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._checks import prepare_labels
 from ._options import compute_options
+from ._pool import combine_terms, pooled_note
 from .registry import DEFAULT_SCORE, SCORES, ScoreSpec, score_names
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
@@ -275,21 +276,17 @@ def rank_models(
                 # factorization cannot take: report it as the model's, like a ValueError.
                 raise ModelScoreError(name, s, str(err)) from err
             if spec.pooled:  # combined across the models below, once all are scored
-                terms[s].append(out.detach().to("cpu", torch.float64))
+                terms[s].append(out)
                 row.update({f"{s}.{term}": float(v) for term, v in zip(spec.terms, out.tolist())})
             else:
                 row[s] = float(out)
         table.append(row)
     notes = []
     for s, per_model in terms.items():
-        spec = SCORES[s]
-        assert spec.combine is not None  # a pooled spec has one
-        for row, v in zip(table, spec.combine(torch.stack(per_model)).tolist()):
-            row[s] = float(v)
-        notes.append(
-            f"{s} combines its terms ({', '.join(spec.terms)}) across the {len(models)} models ranked here, as "
-            "its published code does: its values change with the set of models"
-        )
+        for row, v in zip(table, combine_terms(SCORES[s], per_model)):
+            row[s] = v
+        notes.append(pooled_note(SCORES[s], f"the {len(models)} models ranked here, as its published code does",
+                                 "models"))
 
     first = names[0]
     sign = -1.0 if SCORES[first].larger_is_better else 1.0
