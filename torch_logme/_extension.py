@@ -80,7 +80,13 @@ def extension_available(device: Union[str, torch.device] = "cpu") -> bool:
     """
     if _disabled() or not load():
         return False
-    device_type = torch.device(device).type
+    return has_kernel(torch.device(device).type)
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded library registered a kernel for ``device_type`` ("cpu", "cuda"), disabled or not."""
+    if not load():
+        return False
     if device_type not in _kernels:
         # Which kernels the library registered is fixed once it is loaded: ask the
         # dispatcher (a private torch API, with no public equivalent) once per device type.

@@ -143,8 +143,6 @@ def _install() -> Dict[str, Any]:
 
 def _extension() -> Dict[str, Any]:
     """The compiled op: built, loaded, kernels per device type, disabled, in use (extension_available)."""
-    import torch
-
     from torch_logme import _extension as ext
 
     spec = importlib.util.find_spec(ext._LIBRARY)
@@ -163,9 +161,8 @@ def _extension() -> Dict[str, Any]:
     if not out["loaded"]:
         out["load_error"] = ext.load_error() or "; ".join(str(w.message) for w in caught) or "unknown"
         return out
-    keys = {"cpu": "CPU", "cuda": "CUDA"}
     for device in _DEVICE_TYPES:
-        out["kernels"][device] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(ext._OP_NAME, keys[device]))
+        out["kernels"][device] = ext.has_kernel(device)
         out["in_use"][device] = ext.extension_available(device)
     return out
 
