@@ -431,14 +431,19 @@ def _as_mapping(obj: Any, what: str) -> Mapping[Any, Any]:
     raise TypeError(f"{what} must be a mapping (dict), got {type(obj).__name__}")
 
 
-def _number(value: Any, where: str) -> float:
+def real_number(value: Any, where: str) -> float:
+    """A float from a real number, a numpy scalar or a one-element array or tensor; TypeError for anything else."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    elif isinstance(value, np.ndarray) and value.size == 1:
+    elif isinstance(value, (np.ndarray, np.generic)) and value.size == 1:
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: expected a number, got {value!r}")
-    v = float(value)
+    return float(value)
+
+
+def _number(value: Any, where: str) -> float:
+    v = real_number(value, where)
     if math.isnan(v):
         raise ValueError(f"{where} is NaN; every value must be a number")
     return v

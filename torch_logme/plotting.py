@@ -15,11 +15,9 @@ notebook it shows by itself. Given ``ax=``, the plot draws on those Axes
 from __future__ import annotations
 
 import math
-import numbers
 from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
 from .registry import SCORES
 
@@ -120,13 +118,9 @@ def _chosen(requested: Optional[Sequence[str]], available: Sequence[str], what: 
 
 def _value(value: Any, where: str) -> float:
     """A finite real number from a Python or numpy number, or a one-element array or tensor."""
-    if isinstance(value, (np.ndarray, np.generic)) and value.size == 1:
-        value = value.item()
-    elif isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: expected a number, got {value!r}")
-    v = float(value)
+    from .evaluation import real_number
+
+    v = real_number(value, where)
     if not math.isfinite(v):
         raise ValueError(f"{where} is {v}; every ground-truth value must be a finite number")
     return v
