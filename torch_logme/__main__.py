@@ -56,8 +56,25 @@ def _add_demo(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_run_demo)
 
 
-def _run_rank(args: argparse.Namespace) -> int:
+def _add_score_option(p: argparse.ArgumentParser) -> None:
+    """--score, as every ranking command takes it: registered names, repeatable, the first ranks."""
+    from torch_logme.registry import DEFAULT_SCORE, SCORES
+
+    p.add_argument(
+        "--score", action="extend", nargs="+", choices=list(SCORES), metavar="NAME",
+        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). "
+        f"One of: {', '.join(SCORES)}",
+    )
+
+
+def _dtype(args: argparse.Namespace) -> Any:
+    """The torch dtype that --dtype names."""
     import torch
+
+    return torch.float32 if args.dtype == "float32" else torch.float64
+
+
+def _run_rank(args: argparse.Namespace) -> int:
 
     from torch_logme.ranking import InputFileError, rank_files
     from torch_logme.registry import DEFAULT_SCORE
@@ -65,7 +82,7 @@ def _run_rank(args: argparse.Namespace) -> int:
     try:
         ranking, files = rank_files(
             args.features, args.labels, args.score or [DEFAULT_SCORE], device=args.device,
-            dtype=torch.float32 if args.dtype == "float32" else torch.float64,
+            dtype=_dtype(args),
         )
     except (InputFileError, ValueError, TypeError, OSError, RuntimeError) as err:
         # Bad files are the user's to fix: one line that names the file, no traceback.
@@ -82,7 +99,6 @@ def _run_rank(args: argparse.Namespace) -> int:
 
 
 def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
-    from torch_logme.registry import DEFAULT_SCORE, SCORES
 
     p = subparsers.add_parser(
         "rank",
@@ -99,11 +115,7 @@ def _add_rank(subparsers: "argparse._SubParsersAction") -> None:
     )
     p.add_argument("features", nargs="+", metavar="FEATURES", help="one file per model: .npy, .npz or .pt")
     p.add_argument("--labels", required=True, metavar="LABELS", help="file of class ids [N]: .npy, .npz or .pt")
-    p.add_argument(
-        "--score", action="extend", nargs="+", choices=list(SCORES), metavar="NAME",
-        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). "
-        f"One of: {', '.join(SCORES)}",
-    )
+    _add_score_option(p)
     p.add_argument("--json", action="store_true", help="print the ranking as JSON instead of a table")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
@@ -254,7 +266,6 @@ def _run_rank_models(args: argparse.Namespace) -> int:
 
 def _rank_files(args: argparse.Namespace, builders: dict, transform: Optional[Callable[[Any], Any]],
                 progress: bool) -> tuple:
-    import torch
 
     from torch_logme.model_data import loader, read_data
     from torch_logme.model_ranking import rank_candidate_models
@@ -265,7 +276,7 @@ def _rank_files(args: argparse.Namespace, builders: dict, transform: Optional[Ca
     ranking = rank_candidate_models(
         builders, loader(data, args.batch_size, args.workers), args.score or [DEFAULT_SCORE],
         layers=_layers_option(args.layers), pool=args.pool, aggregate=args.aggregate, device=args.device,
-        dtype=torch.float32 if args.dtype == "float32" else torch.float64, cache=args.cache, progress=progress,
+        dtype=_dtype(args), cache=args.cache, progress=progress,
     )
     return ranking, data
 
@@ -273,7 +284,6 @@ def _rank_files(args: argparse.Namespace, builders: dict, transform: Optional[Ca
 def _add_rank_models(subparsers: "argparse._SubParsersAction") -> None:
     from torch_logme.model_layers import POOLS
     from torch_logme.model_ranking import AGGREGATES
-    from torch_logme.registry import DEFAULT_SCORE, SCORES
 
     p = subparsers.add_parser(
         "rank-models",
@@ -294,11 +304,7 @@ def _add_rank_models(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("models", nargs="+", metavar="MODEL", help="timm:NAME, hf:NAME_OR_PATH or torchvision:NAME")
     p.add_argument("--data", required=True, metavar="DIR_OR_FILE",
                    help="an image folder (one subdirectory per class) or a .csv / .jsonl / .json text file")
-    p.add_argument(
-        "--score", action="extend", nargs="+", choices=list(SCORES), metavar="NAME",
-        help=f"score(s) to compute, repeatable; the first ranks (default: {DEFAULT_SCORE}). "
-        f"One of: {', '.join(SCORES)}",
-    )
+    _add_score_option(p)
     p.add_argument("--layers", default=None, metavar="SPEC",
                    help="'default' (each model's: the classifier's input; Hugging Face: the last hidden state), "
                         "'all' (every block: timm's feature stages, ResNet stages, a transformer's layers), or "
